@@ -1,0 +1,42 @@
+"""The torch.compile entry: `torch.compile(model, backend="flagtree", options={...})`.
+
+Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so users need no
+`import flagtree_py`. This module must not also call `register_backend("flagtree")`: torch
+asserts on a duplicate name.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+from flagtree_py.decompositions import flagtree_decompositions
+from flagtree_py.options import CompileOptions
+from flagtree_py.pipeline import safe_compile_graph
+
+_GRAPH_IDS = itertools.count()
+
+
+def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """Dynamo backend: capture with AOTAutograd (inference graph), then compile with flagtree."""
+    compile_options = CompileOptions.from_user(options)
+    if mode not in (None, "default"):
+        raise ValueError(f"flagtree has no mode {mode!r}; pass options={{...}} instead")
+    graph_name = f"graph_{next(_GRAPH_IDS)}"
+
+    def forward_compiler(aten_gm, aten_inputs):
+        return safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name)
+
+    def backward_compiler(aten_gm, aten_inputs):
+        # flagtree compiles inference; a backward (training) graph runs as plain aten
+        return make_boxed_func(aten_gm.forward)
+
+    return aot_module_simplified(
+        gm,
+        example_inputs,
+        fw_compiler=forward_compiler,
+        bw_compiler=backward_compiler,
+        decompositions=flagtree_decompositions(),
+    )

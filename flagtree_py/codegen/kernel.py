@@ -1,0 +1,404 @@
+"""Lower one fusion group to a kernel description: loads, computations, reductions, stores.
+
+The builder walks backwards from every value the group must store, asking each FX node for its
+value at a symbolic index (one sympy expression per dimension). Views transform the index,
+pointwise ops combine their operands' values, reductions accumulate over the group's reduction
+dimensions, and anything produced outside the group is loaded from its buffer. The result is a
+`KernelSpec` whose code lines still hold index placeholders; `finish()` simplifies the loops
+(contiguous dimensions merge into one flat variable) and prints the indices.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx
+
+from flagtree_py.codegen import indexing
+from flagtree_py.codegen.indexing import Index, LoweringError, pexpr
+from flagtree_py.codegen.types import Value, compute_dtype, triton_dtype
+
+_PLACEHOLDER = re.compile(r"«(\d+)»")
+
+
+@dataclass
+class Scope:
+    """A straight-line region of the kernel: the whole body, one reduction loop, or the epilogue."""
+
+    name: str
+    in_r: bool  # whether the reduction variables are live here
+    lines: list[str] = field(default_factory=list)
+    memo: dict = field(default_factory=dict)
+    init: str = ""  # looped reductions: the accumulator before the loop
+    finish: str = ""  # ... and its reduction after it
+
+
+@dataclass
+class KernelSpec:
+    """Everything the template needs to render one kernel."""
+
+    name: str
+    kind: str  # "pointwise" | "reduction"
+    persistent: bool
+    arguments: list[str]
+    index_dtype: str
+    x_decode: list[str]
+    r_decode: list[str]
+    scopes: list[Scope]  # reduction loops (looped) or the single body (persistent/pointwise)
+    epilogue_outer: list[str]  # looped reductions: per-row stores after the loops
+    epilogue_loop: list[str]  # looped reductions: the final loop storing full-size values
+    xnumel: str
+    rnumel: str
+    comment: list[str]
+    launch_args: list[str]  # wrapper-side expressions, one per kernel argument
+    static_rnumel: int | None
+    symbols: list[str]
+
+
+class KernelBuilder:
+    """Builds the `KernelSpec` for one fusion group."""
+
+    def __init__(self, group, buffers, lowerings, views, persistent_limit: int) -> None:
+        self.group = group
+        self.views = views  # view nodes folded into index expressions
+        self.buffers_only = frozenset()
+        self.buffers = buffers  # node -> wrapper buffer name, for everything materialized
+        self.lowerings = lowerings
+        self.counter = 0
+        self.expressions: list[sympy.Expr] = []
+        self.inputs: dict[str, str] = {}  # wrapper buffer name -> kernel pointer argument
+        self.outputs: dict[str, str] = {}
+        self.symbols: set[sympy.Symbol] = set()  # size symbols the kernel takes as arguments
+        self.indirect: set[sympy.Symbol] = set()  # loaded values used as indices (gathers)
+        full = group.full_shape
+        self.full_vars = [sympy.Symbol(f"d{i}", integer=True, nonnegative=True) for i in range(len(full))]
+        self.x_dims = [d for d in range(len(full)) if d not in group.rdims]
+        self.r_dims = list(group.rdims)
+        self.xnumel = indexing.numel([full[d] for d in self.x_dims])
+        self.rnumel = indexing.numel([full[d] for d in self.r_dims])
+        self.is_reduction = bool(self.r_dims)
+        static_r = int(self.rnumel) if self.rnumel.is_Integer else None
+        self.persistent = not self.is_reduction or (static_r is not None and static_r <= persistent_limit)
+        self.static_rnumel = static_r
+        self.reductions: dict[torch.fx.Node, Value] = {}
+        self.reduction_scopes: list[Scope] = []
+        self.body = Scope("body", in_r=self.is_reduction)
+        self.scope = self.body
+
+    # -- code emission -------------------------------------------------------------------------
+
+    def index_token(self, expr: sympy.Expr) -> str:
+        """A placeholder for an index expression, printed once loops are simplified."""
+        self.expressions.append(sympy.sympify(expr))
+        return f"«{len(self.expressions) - 1}»"
+
+    def emit(self, expression: str, dtype: torch.dtype) -> Value:
+        key = ("expr", expression)
+        if key in self.scope.memo:
+            return self.scope.memo[key]
+        name = f"tmp{self.counter}"
+        self.counter += 1
+        self.scope.lines.append(f"{name} = {expression}")
+        value = Value(name, dtype)
+        self.scope.memo[key] = value
+        return value
+
+    def to_compute(self, value: Value, dtype: torch.dtype) -> Value:
+        """`value` in the compute representation of `dtype`, without rounding."""
+        target = compute_dtype(dtype)
+        if value.literal:
+            return Value(_literal(value.python, target), target, python=value.python)
+        if value.dtype == target:
+            return value
+        if target == torch.bool:
+            return self.emit(f"{value.name} != 0", torch.bool)
+        return self.emit(f"{value.name}.to({triton_dtype(target)})", target)
+
+    def convert(self, value: Value, dtype: torch.dtype) -> Value:
+        """An explicit dtype conversion: a cast to fp16/bf16 rounds, as in eager."""
+        value = self.to_compute(value, dtype)
+        if compute_dtype(dtype) == dtype or value.literal or value.narrow == dtype:
+            return value
+        rounded = self.emit(f"{value.name}.to({triton_dtype(dtype)}).to(tl.float32)", value.dtype)
+        return Value(rounded.name, rounded.dtype, narrow=dtype)
+
+    def constant(self, python_value, dtype: torch.dtype) -> Value:
+        target = compute_dtype(dtype)
+        if target == torch.float64:
+            return self.emit(f"tl.full([1], {_literal(python_value, target)}, tl.float64)", target)
+        return Value(_literal(python_value, target), target, python=python_value)
+
+    # -- values --------------------------------------------------------------------------------
+
+    def value(self, node: torch.fx.Node, index: Index, extra_mask: str | None = None) -> Value:
+        """The value of `node` at `index` (inside the current scope)."""
+        key = ("node", node, index, extra_mask)
+        if key in self.scope.memo:
+            return self.scope.memo[key]
+        if node in self.group.members or (node in self.views and node not in self.buffers_only):
+            lowering = self.lowerings.get(node.target)
+            if lowering is None:
+                raise LoweringError(f"no lowering for {node.target}")
+            result = lowering(self, node, index, extra_mask)
+        else:
+            result = self.load(node, index, extra_mask)
+        self.scope.memo[key] = result
+        return result
+
+    def load(self, node: torch.fx.Node, index: Index, extra_mask: str | None) -> Value:
+        buffer = self.buffers.get(node)
+        if buffer is None:
+            raise LoweringError(f"{node.name} is neither computed in the group nor materialized")
+        val = node.meta["val"]
+        strides = indexing.shape_of(val.stride())
+        offset = indexing.flat_offset(index, strides)
+        self.symbols |= offset.free_symbols - set(self.full_vars) - self.indirect
+        pointer = self.inputs.setdefault(buffer, f"in_ptr{len(self.inputs)}")
+        uses_vars = bool(offset.free_symbols & (set(self.full_vars) | self.indirect))
+        mask = self.mask_for(offset) if uses_vars else None
+        token = self.index_token(offset)
+        if extra_mask:
+            # the extra condition (cat/pad) may vary where the offset does not: make the
+            # pointer block as large as the scope so mask and pointer shapes agree
+            mask = f"{mask} & {extra_mask}" if mask else f"xmask & {extra_mask}"
+            if not uses_vars or (self.scope.in_r and mask.count("rmask") == 0):
+                token = f"{token} + {self.zeros()}"
+                mask = f"xmask & rmask & {extra_mask}" if self.scope.in_r else mask
+        text = f"tl.load({pointer} + ({token})" + (f", {mask}, other=0)" if mask else ")")
+        loaded = self.emit(text, val.dtype)
+        if compute_dtype(val.dtype) == val.dtype:
+            return loaded
+        upcast = self.to_compute(loaded, val.dtype)
+        return Value(upcast.name, upcast.dtype, narrow=val.dtype)
+
+    def zeros(self) -> str:
+        if not self.is_reduction:
+            return "tl.zeros([XBLOCK], tl.int32)"
+        return "tl.zeros([XBLOCK, RBLOCK], tl.int32)" if self.scope.in_r else "tl.zeros([XBLOCK, 1], tl.int32)"
+
+    def mask_for(self, expr: sympy.Expr) -> str:
+        r_vars = {self.full_vars[d] for d in self.r_dims}
+        if self.is_reduction and expr.free_symbols & r_vars:
+            return "xmask & rmask"
+        return "xmask"
+
+    def operand(self, arg, index: Index, extra_mask: str | None = None) -> Value:
+        """An op's argument at the op's output index: a broadcast tensor, a SymInt or a literal."""
+        if isinstance(arg, torch.fx.Node):
+            val = arg.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                in_index = indexing.broadcast_index(index, indexing.shape_of(val.shape))
+                return self.value(arg, in_index, extra_mask)
+            if isinstance(val, torch.SymInt):
+                return self.symbolic(indexing.as_expr(val))
+            raise LoweringError(f"unsupported operand {arg.name}")
+        if isinstance(arg, torch.SymInt):
+            return self.symbolic(indexing.as_expr(arg))
+        if isinstance(arg, bool):
+            return self.constant(arg, torch.bool)
+        if isinstance(arg, int):
+            return self.constant(arg, torch.int64)
+        if isinstance(arg, float):
+            return self.constant(arg, torch.float32)
+        raise LoweringError(f"unsupported operand {arg!r}")
+
+    def indirect_symbol(self, value: Value) -> sympy.Symbol:
+        """A loaded integer value as a symbol that index expressions may contain."""
+        symbol = sympy.Symbol(value.name, integer=True)
+        self.indirect.add(symbol)
+        return symbol
+
+    def symbolic(self, expr: sympy.Expr) -> Value:
+        """An integer expression of the index variables and size symbols, as a value."""
+        self.symbols |= expr.free_symbols - set(self.full_vars) - self.indirect
+        if not expr.free_symbols:
+            return self.constant(int(expr), torch.int64)
+        return self.emit(f"({self.index_token(expr)}).to(tl.int64)", torch.int64)
+
+    # -- reductions ----------------------------------------------------------------------------
+
+    def full_index(self) -> Index:
+        return tuple(self.full_vars)
+
+    def reduce(self, key, kind: str, input_fn) -> Value:
+        """Reduce `input_fn()` (evaluated at the full index) over the group's reduction dims.
+
+        kind: "sum" | "max" | "min". Persistent kernels reduce in the body; looped kernels get a
+        loop of their own, placed before the loop of any reduction that needs this one.
+        """
+        if key in self.reductions:
+            return self.reductions[key]
+        outer_scope = self.scope
+        if not self.persistent:
+            self.scope = Scope(f"reduction loop {len(self.reduction_scopes)}", in_r=True)
+        value = input_fn()
+        acc_dtype = value.dtype if value.dtype.is_floating_point else torch.int64
+        if kind in ("max", "min") and not value.dtype.is_floating_point:
+            acc_dtype = value.dtype
+        neutral = {"sum": "0", "max": _lowest(acc_dtype), "min": _highest(acc_dtype)}[kind]
+        masked = f"tl.where(xmask & rmask, {self.to_compute(value, acc_dtype).name}, {neutral})"
+        tl_reduce = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[kind]
+        if self.persistent:
+            result = self.emit(f"{tl_reduce}({masked}, 1)[:, None]", acc_dtype)
+        else:
+            acc = f"acc{len(self.reduction_scopes)}"
+            loop = self.scope
+            loop.lines.append(
+                f"{acc} = {_combine(kind, acc, masked)}"
+            )
+            loop.init = f"{acc} = tl.full([XBLOCK, RBLOCK], {neutral}, {triton_dtype(acc_dtype)})"
+            loop.finish = f"red{len(self.reduction_scopes)} = {tl_reduce}({acc}, 1)[:, None]"
+            result = Value(f"red{len(self.reduction_scopes)}", acc_dtype)
+            self.reduction_scopes.append(loop)
+            self.scope = outer_scope
+        self.reductions[key] = result
+        return result
+
+    def check_outer_index(self, node: torch.fx.Node, index: Index, keepdim: bool) -> None:
+        """A reduction's value is only available at the group's own row index."""
+        expected = []
+        for d in range(len(self.group.full_shape)):
+            if d in self.r_dims:
+                if keepdim:
+                    expected.append(sympy.Integer(0))
+            else:
+                expected.append(self.full_vars[d])
+        sizes = [s for d, s in enumerate(self.group.full_shape) if keepdim or d not in self.r_dims]
+        if len(index) != len(expected) or any(i != e and size != 1 for i, e, size in zip(index, expected, sizes)):
+            raise LoweringError(f"{node.name} is read at {index}, not at its row index {tuple(expected)}")
+
+    # -- stores --------------------------------------------------------------------------------
+
+    def store(self, node: torch.fx.Node, role: str) -> None:
+        """Compute `node` at its place in the iteration space and store it to its buffer."""
+        val = node.meta["val"]
+        out_shape = indexing.shape_of(val.shape)
+        if role == "full":
+            index = self.full_index()
+        else:
+            keepdim = len(out_shape) == len(self.group.full_shape)
+            index = tuple(
+                (sympy.Integer(0) if keepdim else None) if d in self.r_dims else self.full_vars[d]
+                for d in range(len(self.group.full_shape))
+            )
+            index = tuple(i for i in index if i is not None)
+        value = self.value(node, index)
+        stored = value.name
+        if value.dtype != val.dtype and not value.literal:
+            stored = f"{value.name}.to({triton_dtype(val.dtype)})"
+        buffer = self.buffers[node]
+        pointer = self.outputs.setdefault(buffer, f"out_ptr{len(self.outputs)}")
+        offset = indexing.flat_offset(index, indexing.shape_of(val.stride()))
+        self.symbols |= offset.free_symbols - set(self.full_vars) - self.indirect
+        mask = self.mask_for(offset) if role == "full" else "xmask"
+        token = self.index_token(offset)
+        if not offset.free_symbols & set(self.full_vars):
+            # a store needs a block of pointers even when every program writes the same element
+            shape = "[XBLOCK]" if not self.is_reduction else "[XBLOCK, 1]" if role == "outer" else "[XBLOCK, RBLOCK]"
+            token = f"tl.full({shape}, 0, tl.int32) + {token}"
+        self.scope.lines.append(f"tl.store({pointer} + ({token}), {stored}, {mask})")
+
+    # -- assembly ------------------------------------------------------------------------------
+
+    def build(self, name: str, comment: list[str], index_dtype: str) -> KernelSpec:
+        outer_lines: list[str] = []
+        loop_lines: list[str] = []
+        for node, role in self.group.stores():
+            if self.persistent:
+                self.scope = self.body
+                self.store(node, role)
+            elif role == "outer":
+                self.scope = Scope("epilogue", in_r=False)
+                self.store(node, role)
+                outer_lines += self.scope.lines
+            else:
+                self.scope = Scope("epilogue loop", in_r=True)
+                self.store(node, role)
+                loop_lines += self.scope.lines
+        self.scope = self.body
+        return self._finish(name, comment, index_dtype, outer_lines, loop_lines)
+
+    def _finish(self, name, comment, index_dtype, outer_lines, loop_lines) -> KernelSpec:
+        x_vars = [self.full_vars[d] for d in self.x_dims]
+        r_vars = [self.full_vars[d] for d in self.r_dims]
+        x_sizes = [self.group.full_shape[d] for d in self.x_dims]
+        r_sizes = [self.group.full_shape[d] for d in self.r_dims]
+        exprs = list(self.expressions)
+        x_sizes, x_vars, exprs = indexing.merge_loop_dims(x_sizes, x_vars, exprs)
+        r_sizes, r_vars, exprs = indexing.merge_loop_dims(r_sizes, r_vars, exprs)
+        rename = {v: sympy.Symbol(f"x{i}", integer=True, nonnegative=True) for i, v in enumerate(x_vars)}
+        rename.update({v: sympy.Symbol(f"r{i}", integer=True, nonnegative=True) for i, v in enumerate(r_vars)})
+        printed = [pexpr(e.xreplace(rename)) for e in exprs]
+
+        def fill(lines: list[str]) -> list[str]:
+            return [_PLACEHOLDER.sub(lambda m: printed[int(m.group(1))], line) for line in lines]
+
+        for scope in [self.body, *self.reduction_scopes]:
+            scope.lines = fill(scope.lines)
+        x_names = [rename[v].name for v in x_vars]
+        r_names = [rename[v].name for v in r_vars]
+        x_decode = [f"{n} = {e}" for n, e in zip(x_names, indexing.unflatten("xindex", x_sizes, pexpr)) if e != n]
+        r_decode = [f"{n} = {e}" for n, e in zip(r_names, indexing.unflatten("rindex", r_sizes, pexpr)) if e != n]
+        symbols = sorted({s.name for s in self.symbols})
+        arguments = list(self.inputs.values()) + list(self.outputs.values()) + symbols + ["xnumel"]
+        launch = list(self.inputs) + list(self.outputs) + symbols + [pexpr(self.xnumel)]
+        if self.is_reduction:
+            arguments.append("rnumel")
+            launch.append(pexpr(self.rnumel))
+        scopes = self.reduction_scopes if not self.persistent else [self.body]
+        return KernelSpec(
+            name=name,
+            kind="reduction" if self.is_reduction else "pointwise",
+            persistent=self.persistent,
+            arguments=arguments,
+            index_dtype=index_dtype,
+            x_decode=x_decode,
+            r_decode=r_decode,
+            scopes=scopes,
+            epilogue_outer=fill(outer_lines),
+            epilogue_loop=fill(loop_lines),
+            xnumel=pexpr(self.xnumel),
+            rnumel=pexpr(self.rnumel),
+            comment=comment,
+            launch_args=launch,
+            static_rnumel=self.static_rnumel,
+            symbols=symbols,
+        )
+
+
+def _combine(kind: str, acc: str, value: str) -> str:
+    if kind == "sum":
+        return f"{acc} + {value}"
+    return f"tl.{'maximum' if kind == 'max' else 'minimum'}({acc}, {value})"
+
+
+def _literal(value, dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "True" if value else "False"
+    if dtype.is_floating_point:
+        number = float(value)
+        if number != number:
+            return 'float("nan")'
+        if number in (float("inf"), float("-inf")):
+            return 'float("inf")' if number > 0 else 'float("-inf")'
+        return repr(number)
+    return str(int(value))
+
+
+def _lowest(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return 'float("-inf")'
+    if dtype == torch.bool:
+        return "0"
+    return str(torch.iinfo(dtype).min)
+
+
+def _highest(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return 'float("inf")'
+    if dtype == torch.bool:
+        return "1"
+    return str(torch.iinfo(dtype).max)

@@ -1,0 +1,40 @@
+"""Compile options: what a user passes as torch.compile(..., options={...})."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+TARGET_CHOICES = ("auto", "nvidia", "metax", "iluvatar", "interpreter")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "auto"  # auto | nvidia | metax | iluvatar | interpreter | a registered target name
+    dump_dir: str | None = None  # write the aten graph, partition, kernels and wrapper here
+    fallback: bool = True  # a group whose kernel fails to build runs its aten ops instead (warned)
+
+    @classmethod
+    def from_user(cls, options: dict | None) -> CompileOptions:
+        """Validate the user's dict; environment defaults are read here, once, not mid-pipeline."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown flagtree option(s) {unknown}; known: {sorted(known)}")
+        if "target" not in options and os.environ.get("FLAGTREE_TARGET"):
+            options["target"] = os.environ["FLAGTREE_TARGET"]
+        if "dump_dir" not in options and os.environ.get("FLAGTREE_DUMP_DIR"):
+            options["dump_dir"] = os.environ["FLAGTREE_DUMP_DIR"]
+        target = options.get("target", "auto")
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"flagtree option 'target' must be one of {TARGET_CHOICES} or a target name, got {target!r}")
+        return cls(**options)
+
+    def hash(self) -> str:
+        """Only what changes generated code (the dump directory does not)."""
+        fields = {"target": self.target, "fallback": self.fallback}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

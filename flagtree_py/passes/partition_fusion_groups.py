@@ -1,0 +1,232 @@
+"""Group the lowerable nodes of an aten graph into fusion groups, one Triton kernel each.
+
+Nodes are visited from the outputs backwards. A pointwise or reduction node whose value is used
+only inside one group joins that group and is computed there, never stored (vertical fusion:
+the chain of pointwise producers is inlined into its consumer). A node used by several groups,
+by an extern op or by the graph output is stored: it joins one of its consumer groups as an
+extra output when its shape fits that group's iteration space (the residual sum stored by the
+norm kernel that reads it), else it starts a group of its own. Groups are vertices of a
+networkx DAG together with the extern ops; a merge that would close a cycle is refused.
+
+A group iterates over `full_shape`; `rdims` are the dimensions its reductions reduce (empty for
+a pointwise group). A stored node is a "full" member (shape == full_shape) or an "outer" member
+(the reduced shape, with or without the reduced dims kept as 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import sympy
+import torch
+import torch.fx
+
+from flagtree_py.codegen import indexing
+from flagtree_py.codegen.lowerings import classify, reduction_dims
+
+
+@dataclass(eq=False)
+class FusionGroup:
+    id: int
+    full_shape: tuple[sympy.Expr, ...]
+    rdims: tuple[int, ...] = ()
+    members: set = field(default_factory=set)  # every node computed in the kernel
+    stored: dict = field(default_factory=dict)  # node -> "full" | "outer"
+    reductions: list = field(default_factory=list)
+
+    def stores(self) -> list[tuple[torch.fx.Node, str]]:
+        return sorted(self.stored.items(), key=lambda item: _order(item[0]))
+
+    def ordered_members(self) -> list[torch.fx.Node]:
+        return sorted(self.members, key=_order)
+
+    def outer_shapes(self) -> tuple[tuple, tuple]:
+        keep = tuple(sympy.Integer(1) if d in self.rdims else s for d, s in enumerate(self.full_shape))
+        drop = tuple(s for d, s in enumerate(self.full_shape) if d not in self.rdims)
+        return keep, drop
+
+    def role_of_shape(self, shape: tuple) -> str | None:
+        if tuple(shape) == tuple(self.full_shape):
+            return "full"
+        if self.rdims and tuple(shape) in self.outer_shapes():
+            return "outer"
+        return None
+
+    @property
+    def name(self) -> str:
+        ops = []
+        for node in self.ordered_members():
+            op = getattr(node.target, "__name__", str(node.target)).split(".")[0].lstrip("_")
+            if kinds_cache.get(node) in ("pointwise", "reduction") and op not in ops:
+                ops.append(op)
+        label = "_".join(ops[:4]) or "copy"
+        return f"k{self.id}_{label}"
+
+
+kinds_cache: dict = {}
+
+
+def _order(node: torch.fx.Node) -> int:
+    return node.meta.get("_order", 0)
+
+
+@dataclass
+class Partition:
+    groups: list[FusionGroup]
+    kinds: dict  # node -> "placeholder" | "constant" | "pointwise" | "view" | "reduction" | "extern" | "symbolic" | "output"
+    group_of: dict  # node -> FusionGroup (members only)
+    dag: nx.DiGraph
+
+
+def shape(node: torch.fx.Node) -> tuple:
+    return indexing.shape_of(node.meta["val"].shape)
+
+
+def partition_fusion_groups(graph: torch.fx.Graph) -> Partition:
+    nodes = list(graph.nodes)
+    for position, node in enumerate(nodes):
+        node.meta["_order"] = position
+    kinds = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            kinds[node] = "placeholder"
+        elif node.op == "get_attr":
+            kinds[node] = "constant"
+        elif node.op == "output":
+            kinds[node] = "output"
+        elif node.op == "call_function":
+            kinds[node] = classify(node)
+        else:
+            kinds[node] = "extern"
+    kinds_cache.clear()
+    kinds_cache.update(kinds)
+
+    groups: list[FusionGroup] = []
+    group_of: dict = {}
+    dag = nx.DiGraph()
+
+    def vertex(node):
+        return group_of.get(node, node)
+
+    def effective_users(node):
+        """Users reached through view chains: the consumers that actually read the data."""
+        found, stack = [], list(node.users)
+        while stack:
+            user = stack.pop()
+            if kinds[user] == "view":
+                stack.extend(user.users)
+            else:
+                found.append(user)
+        return found
+
+    def closes_cycle(group, targets) -> bool:
+        return any(t is not group and t in dag and group in dag and nx.has_path(dag, t, group) for t in targets)
+
+    def link(source, node_users):
+        dag.add_node(source)
+        for user in node_users:
+            target = vertex(user)
+            if target is not source and kinds[user] != "output":
+                dag.add_edge(source, target)
+
+    for node in reversed(nodes):
+        kind = kinds[node]
+        if kind in ("extern",):
+            link(node, effective_users(node))
+            continue
+        if kind not in ("pointwise", "reduction"):
+            continue
+        users = effective_users(node)
+        consumer_groups = {group_of[u] for u in users if u in group_of}
+        external = any(u not in group_of for u in users) or not users
+        targets = {vertex(u) for u in users if kinds[u] != "output"}
+
+        if not external and len(consumer_groups) == 1:
+            group = next(iter(consumer_groups))
+            if _fits_internal(node, kind, group) and not closes_cycle(group, targets - {group}):
+                _add(node, kind, group, group_of, stored_role=None)
+                link(group, users)
+                continue
+        placed = False
+        for group in sorted(consumer_groups, key=lambda g: g.id):
+            role = _fits_stored(node, kind, group)
+            if role and not closes_cycle(group, targets - {group}):
+                _add(node, kind, group, group_of, stored_role=role)
+                link(group, users)
+                placed = True
+                break
+        if placed:
+            continue
+        group = _new_group(node, kind, len(groups))
+        role = _fits_stored(node, kind, group)
+        if role is None:
+            raise AssertionError(f"{node.name} does not fit the group it starts")
+        groups.append(group)
+        _add(node, kind, group, group_of, stored_role=role)
+        link(group, users)
+
+    # views of values computed inside a group belong to that group
+    for node in nodes:
+        if kinds[node] == "view":
+            base = node.args[0]
+            while kinds.get(base) == "view":
+                base = base.args[0]
+            group = group_of.get(base)
+            if group is not None and base not in group.stored:
+                group.members.add(node)
+                group_of[node] = group
+
+    groups.sort(key=lambda g: min(_order(n) for n in g.members))
+    for new_id, group in enumerate(groups):
+        group.id = new_id
+    return Partition(groups=groups, kinds=kinds, group_of=group_of, dag=dag)
+
+
+def _new_group(node, kind, group_id: int) -> FusionGroup:
+    if kind == "reduction":
+        source = shape(node.args[0])
+        return FusionGroup(group_id, source, reduction_dims(node))
+    return FusionGroup(group_id, shape(node))
+
+
+def _reduction_fits(node, group: FusionGroup) -> bool:
+    source = shape(node.args[0])
+    dims = reduction_dims(node)
+    if group.rdims:
+        return tuple(source) == tuple(group.full_shape) and dims == tuple(group.rdims)
+    # a pointwise group becomes a reduction group: either it iterates over the reduction's
+    # input (the norm's x * rsqrt(mean) epilogue), or over its output (rsqrt(mean + eps))
+    if tuple(source) == tuple(group.full_shape):
+        return True
+    candidate = FusionGroup(-1, source, dims)
+    return all(candidate.role_of_shape(shape(n)) == "outer" for n in group.stored) and bool(group.stored)
+
+
+def _fits_internal(node, kind, group: FusionGroup) -> bool:
+    if kind == "pointwise":
+        return True
+    return _reduction_fits(node, group)
+
+
+def _fits_stored(node, kind, group: FusionGroup) -> str | None:
+    if kind == "reduction":
+        if not _reduction_fits(node, group):
+            return None
+        candidate = FusionGroup(-1, shape(node.args[0]), reduction_dims(node))
+        return candidate.role_of_shape(shape(node))
+    return group.role_of_shape(shape(node))
+
+
+def _add(node, kind, group: FusionGroup, group_of: dict, stored_role: str | None) -> None:
+    if kind == "reduction" and not group.rdims:
+        group.full_shape = shape(node.args[0])
+        group.rdims = reduction_dims(node)
+        for member in list(group.stored):
+            group.stored[member] = group.role_of_shape(shape(member)) or group.stored[member]
+    if kind == "reduction":
+        group.reductions.append(node)
+    group.members.add(node)
+    group_of[node] = group
+    if stored_role is not None:
+        group.stored[node] = stored_role

@@ -1,0 +1,159 @@
+"""The compiler, in order. Reading this file should explain flagtree.
+
+    capture   (backend.py)  Dynamo's FX graph -> AOTAutograd inference graph in core aten ops,
+                            dynamic sizes kept as sympy symbols
+    canonicalize            dead code, common subexpressions, views that do nothing
+    partition               fusion groups on a networkx DAG (vertical fusion, no cycles)
+    lower                   each group -> a Triton kernel from a Jinja2 template (codegen/),
+                            shaped by the target's tile tables; the rest stays extern aten
+    build                   import the module; kernels JIT on the GPU or run in Triton's
+                            interpreter on a CPU; a kernel that fails runs its aten fallback
+    run                     the generated `call(args)` wrapper
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from flagtree_py.codegen.lowerings import is_gemm_or_attention
+from flagtree_py.codegen.wrapper import ModuleWriter
+from flagtree_py.options import CompileOptions
+from flagtree_py.passes import PassContext
+from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
+from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
+from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
+from flagtree_py.passes.remove_noop_views import remove_noop_views
+from flagtree_py.report import add_record
+from flagtree_py.runtime.loader import bind_kernels, load_module
+from flagtree_py.targets import select_target
+
+#: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
+CANONICALIZE = [eliminate_dead_code, eliminate_common_subexpressions, remove_noop_views, eliminate_dead_code]
+
+_MODULE_DIR = Path(tempfile.gettempdir()) / "flagtree_modules"
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions, graph_name: str):
+    """Compile one aten inference graph; returns a boxed callable `call(args)`."""
+    start = time.perf_counter()
+    device_type = _device_type(example_inputs)
+    target, reason = select_target(options.target, device_type)
+    ctx = PassContext(options)
+    record = {
+        "graph": graph_name,
+        "target": target.name,
+        "target_vendor": target.vendor,
+        "target_reason": reason,
+        "executor": "triton" if device_type == "cuda" else "interpreter",
+        "passes": ctx.counters,
+        "kernel_failures": [],
+    }
+    graph = gm.graph
+    for fn in CANONICALIZE:
+        fn(graph, ctx)
+    gm.recompile()
+    partition = partition_fusion_groups(graph)
+    ctx.counters["partition_fusion_groups"] += len(partition.groups)
+    writer = ModuleWriter(gm, partition, target, graph_name)
+    generated = writer.generate()
+
+    def on_failure(kernel: str, error: str) -> None:
+        record["kernel_failures"].append({"kernel": kernel, "error": error})
+
+    directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
+    module, path = load_module(generated.source, directory, graph_name)
+    bind_kernels(module, [k.name for k in generated.kernels], interpret=device_type != "cuda",
+                 constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure)
+    if options.dump_dir:
+        _dump(Path(options.dump_dir), graph_name, gm, partition)
+
+    record.update(_statistics(graph, partition, generated))
+    record["module_path"] = str(path)
+    record["compile_s"] = round(time.perf_counter() - start, 4)
+    record["passes"] = dict(ctx.counters)
+    add_record(record)
+    call = module.call
+    call._boxed_call = True
+    return call
+
+
+def _device_type(example_inputs) -> str:
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
+def _statistics(graph: torch.fx.Graph, partition, generated) -> dict:
+    """What ran where. "Work" is every computing node except GEMMs and attention (views are
+    metadata, not work: they are counted apart, as folded into kernel indexing or not)."""
+    kinds = partition.kinds
+    failed = {f["group"] for f in generated.codegen_fallbacks}
+    in_kernels = set()
+    for group in partition.groups:
+        if group.name not in failed:
+            in_kernels |= group.members
+    calls = [n for n in graph.nodes if n.op == "call_function" and kinds[n] not in ("symbolic",)]
+    work = [n for n in calls if kinds[n] != "view" and not is_gemm_or_attention(n)
+            and str(n.target) != "<built-in function getitem>"]
+    views = [n for n in calls if kinds[n] == "view"]
+    emitted_views = [n for n in views if f"    {n.name} = " in generated.source]
+    lowered = [n for n in work if n in in_kernels]
+    symbols = sorted({str(s) for n in graph.nodes if n.op == "placeholder" for s in _symbols(n)})
+    return {
+        "triton_kernels": len(generated.kernels),
+        "lowered_nodes": generated.lowered_nodes,
+        "work_nodes": len(work),
+        "work_nodes_in_kernels": len(lowered),
+        "lowered_fraction": round(len(lowered) / len(work), 4) if work else 1.0,
+        "views_folded": len(views) - len(emitted_views),
+        "views_in_wrapper": len(emitted_views),
+        "extern_ops": generated.extern_ops,
+        "codegen_fallbacks": generated.codegen_fallbacks,
+        "dynamic_symbols": symbols,
+        "kernels": [dataclasses.asdict(k) | {"source": None} for k in generated.kernels],
+    }
+
+
+def _symbols(node) -> set:
+    val = node.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        return set(val.node.expr.free_symbols)
+    if isinstance(val, torch.Tensor):
+        found = set()
+        for size in val.shape:
+            if isinstance(size, torch.SymInt):
+                found |= set(size.node.expr.free_symbols)
+        return found
+    return set()
+
+
+def _dump(directory: Path, graph_name: str, gm, partition) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{graph_name}.aten.txt").write_text(str(gm.graph))
+    lines = []
+    for group in partition.groups:
+        roles = ", ".join(f"{n.name}:{r}" for n, r in group.stores())
+        lines.append(f"{group.name}: shape={tuple(map(str, group.full_shape))} rdims={group.rdims} stores=[{roles}]")
+        lines.append("    " + " ".join(n.name for n in group.ordered_members()))
+    (directory / f"{graph_name}.partition.txt").write_text("\n".join(lines) + "\n")
+
+
+def safe_compile_graph(gm, example_inputs, options: CompileOptions, graph_name: str):
+    """compile_graph, but a compiler bug costs speed, not the user's run: fall back to eager."""
+    try:
+        return compile_graph(gm, example_inputs, options, graph_name)
+    except Exception as error:
+        if not options.fallback:
+            raise
+        warnings.warn(f"flagtree: compiling {graph_name} failed ({type(error).__name__}: {error}); running it in eager aten", stacklevel=2)
+        add_record({"graph": graph_name, "target": options.target, "fallback": "graph", "error": f"{type(error).__name__}: {error}",
+                    "triton_kernels": 0, "lowered_nodes": 0, "extern_ops": [], "passes": {}, "compile_s": 0.0})
+        return gm.forward

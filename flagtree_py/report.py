@@ -1,0 +1,26 @@
+"""`flagtree_py.report()`: one record per graph compiled in this process."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+_LOCK = threading.Lock()
+_RECORDS: list[dict] = []
+
+
+def add_record(record: dict) -> dict:
+    with _LOCK:
+        _RECORDS.append(record)
+    return record
+
+
+def report() -> list[dict]:
+    """A copy of the records: target, triton_kernels, lowered_nodes, extern_ops, passes, compile_s..."""
+    with _LOCK:
+        return copy.deepcopy(_RECORDS)
+
+
+def clear_report() -> None:
+    with _LOCK:
+        _RECORDS.clear()

@@ -1,0 +1,93 @@
+"""What generated wrappers call at run time: grid arithmetic and guarded kernel launches."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections import Counter
+
+#: process-wide counts, read by `flagtree_py.report()` and tests
+counters: Counter = Counter()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class GuardedKernel:
+    """A Triton kernel (JIT or interpreted) with its aten fallback of the same signature.
+
+    The first failure to build or run warns once and switches this kernel to its fallback for
+    the rest of the process: a kernel that cannot compile never makes the model unusable.
+    """
+
+    def __init__(self, name: str, kernel, fallback, on_failure=None, interpreted: bool = False) -> None:
+        self.name = name
+        self.kernel = kernel
+        self.interpreted = interpreted
+        self.fallback = fallback
+        self.failed: str | None = None
+        self.on_failure = on_failure
+
+    def launch(self, grid, args, meta) -> None:
+        if self.failed is None:
+            try:
+                if self.interpreted:
+                    with _interpreter_stdlib():
+                        self.kernel[grid](*args, **meta)
+                else:
+                    self.kernel[grid](*args, **meta)
+                return
+            except Exception as error:  # compile errors, interpreter errors, resource limits
+                self.failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                counters["kernel_fallbacks"] += 1
+                warnings.warn(f"flagtree: kernel {self.name} failed ({self.failed}); running its aten fallback", stacklevel=3)
+                if self.on_failure is not None:
+                    self.on_failure(self.name, self.failed)
+        self.fallback(*args)
+
+
+def run(kernel: GuardedKernel, grid: tuple, *args, **meta) -> None:
+    if grid[0] <= 0:
+        return  # an empty tensor: nothing to compute, and a zero grid is an error on a GPU
+    counters["kernel_launches"] += 1
+    kernel.launch(grid, args, meta)
+
+
+_STDLIB_LOCK = threading.RLock()
+_INTERPRETED: dict = {}
+
+
+@contextlib.contextmanager
+def _interpreter_stdlib():
+    """Let interpreted kernels call Triton's own @jit library functions (tl.sum, tl.sigmoid...).
+
+    Those were decorated when triton was imported (by torch, before flagtree could set
+    TRITON_INTERPRET), so they are JIT functions the interpreter refuses to call. For the
+    duration of an interpreted launch they are swapped for interpreted twins, then restored.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    with contextlib.suppress(ImportError):
+        # imported lazily by launches; it checks the originals, so it must load before the swap
+        import triton.experimental.gluon  # noqa: F401
+    with _STDLIB_LOCK:
+        swapped = []
+        for module in (tl, tl.standard, tl.math):
+            for name, value in list(vars(module).items()):
+                if isinstance(value, JITFunction):
+                    twin = _INTERPRETED.setdefault(value, InterpretedFunction(value.fn))
+                    swapped.append((module, name, value))
+                    setattr(module, name, twin)
+        try:
+            # masked-off lanes compute on filler values (rsqrt(0), exp overflow): numpy must not
+            # warn about what the masks discard; eager PyTorch is silent on inf/nan as well
+            with np.errstate(all="ignore"):
+                yield
+        finally:
+            for module, name, value in swapped:
+                setattr(module, name, value)

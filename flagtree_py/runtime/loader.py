@@ -1,0 +1,43 @@
+"""Turn generated module source into a callable: import it, wrap kernels for the executor."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from flagtree_py.runtime.launch import GuardedKernel
+
+
+def load_module(source: str, directory: Path, name_hint: str):
+    """Import `source` from a file (Triton's JIT reads kernel source through `inspect`)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    module_name = f"flagtree_generated_{name_hint}_{digest}"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{module_name}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".tmp{id(source)}")
+        tmp.write_text(source)
+        tmp.replace(path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: dict, externs: dict, on_failure=None) -> None:
+    """Replace each `@triton.jit` kernel in the module by a `GuardedKernel`.
+
+    On a machine without the target GPU the same source runs through Triton's interpreter.
+    """
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+    for name in kernel_names:
+        jit = getattr(module, name)
+        kernel = InterpretedFunction(jit.fn) if interpret else jit
+        setattr(module, name, GuardedKernel(name, kernel, getattr(module, f"{name}_fallback"), on_failure, interpreted=interpret))
+    module.constants.update(constants)
+    for extern_name, target in externs.items():
+        setattr(module, extern_name, target)

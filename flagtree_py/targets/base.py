@@ -1,0 +1,83 @@
+"""What a target chip offers, as data: the one thing lowering asks about hardware.
+
+A target never drives code generation; codegen asks it for tile sizes and warps and checks its
+limits. Vendors override only the numbers that differ (see the per-vendor modules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of one kernel: block sizes, threads (not warps) and pipelining depth."""
+
+    XBLOCK: int
+    RBLOCK: int = 1
+    threads: int = 128
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str  # unique: "nvidia-sm90", "metax-c500", ...
+    vendor: str  # "nvidia" | "metax" | "iluvatar" | "interpreter" | a plugin's own
+    arch: str
+    description: str
+    warp_size: int
+    max_threads_per_block: int
+    shared_memory_per_block: int  # bytes a block may use (opt-in maximum)
+    registers_per_block: int | None
+    dtypes: frozenset[str]
+    features: frozenset[str]  # "tma", "wgmma", "async_copy", "fp8", ...
+    triton_language: tuple[int, int]  # newest Triton language level its compiler accepts
+    # tile tables (data, not code): pointwise block and the reduction budget per program
+    pointwise_block: int = 1024
+    pointwise_threads: int = 128
+    reduction_elements: int = 4096  # XBLOCK * RBLOCK for a program of a reduction kernel
+    persistent_reduction_limit: int = 8192  # largest static row reduced by one block
+    looped_rblock: int = 1024
+    source: str = ""  # where the figures come from
+    toolchain: str = ""  # e.g. "triton-3.6.0"; part of the hash
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def num_warps(self, threads: int) -> int:
+        """Threads -> warps in units of *this* target's warp size (64 on MetaX and Iluvatar)."""
+        threads = min(threads, self.max_threads_per_block)
+        return max(1, threads // self.warp_size)
+
+    def pointwise_config(self, numel_hint: int | None) -> TileConfig:
+        block = self.pointwise_block
+        if numel_hint is not None:
+            block = max(16, min(block, _next_power_of_2(numel_hint)))
+        threads = min(self.pointwise_threads, max(self.warp_size, block // 4))
+        return TileConfig(XBLOCK=block, threads=threads)
+
+    def reduction_config(self, rnumel: int | None, persistent: bool) -> TileConfig:
+        if persistent and rnumel is not None:
+            rblock = max(2, _next_power_of_2(rnumel))
+            xblock = max(1, min(64, self.reduction_elements // rblock))
+        else:
+            rblock = self.looped_rblock
+            xblock = max(1, self.reduction_elements // rblock)
+        threads = min(self.max_threads_per_block, max(self.warp_size, (xblock * rblock) // 8))
+        threads = min(threads, 8 * self.warp_size if self.warp_size == 32 else 4 * self.warp_size)
+        return TileConfig(XBLOCK=xblock, RBLOCK=rblock, threads=_floor_power_of_2(threads))
+
+    def hash(self) -> str:
+        fields = asdict(self)
+        fields.pop("extra")
+        fields["dtypes"] = sorted(self.dtypes)
+        fields["features"] = sorted(self.features)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _floor_power_of_2(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)

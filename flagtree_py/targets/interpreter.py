@@ -1,0 +1,27 @@
+"""Triton's interpreter on any CPU: correctness, not speed.
+
+Each program instance is a Python-level step over numpy arrays, so large blocks run fastest.
+"""
+
+from flagtree_py.targets.base import TargetSpec
+
+INTERPRETER = TargetSpec(
+    name="interpreter",
+    vendor="interpreter",
+    arch="cpu",
+    description="Triton interpreter (CPU, numpy)",
+    warp_size=32,
+    max_threads_per_block=1024,
+    shared_memory_per_block=1 << 30,
+    registers_per_block=None,
+    dtypes=frozenset({"fp32", "fp16", "fp64", "int64", "int32", "int8", "bool"}),
+    features=frozenset(),
+    triton_language=(3, 6),
+    pointwise_block=8192,
+    reduction_elements=65536,
+    persistent_reduction_limit=16384,
+    looped_rblock=4096,
+    source="no hardware: Triton's interpreter (TRITON_INTERPRET)",
+)
+
+TARGETS = [INTERPRETER]
