@@ -59,7 +59,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     for fn in CANONICALIZE:
         fn(graph, ctx)
     gm.recompile()
-    partition = partition_fusion_groups(graph)
+    partition = partition_fusion_groups(graph, device_type)
     ctx.counters["partition_fusion_groups"] += len(partition.groups)
     writer = ModuleWriter(gm, partition, target, graph_name)
     generated = writer.generate()

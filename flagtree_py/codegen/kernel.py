@@ -74,7 +74,11 @@ class KernelBuilder:
         self.symbols: set[sympy.Symbol] = set()  # size symbols the kernel takes as arguments
         self.indirect: set[sympy.Symbol] = set()  # loaded values used as indices (gathers)
         full = group.full_shape
-        self.full_vars = [sympy.Symbol(f"d{i}", integer=True, nonnegative=True) for i in range(len(full))]
+        # a dimension of size 1 has index 0: no variable, so no mask or pointer block for it
+        self.full_vars = [
+            sympy.Integer(0) if size == 1 else sympy.Symbol(f"d{i}", integer=True, nonnegative=True)
+            for i, size in enumerate(full)
+        ]
         self.x_dims = [d for d in range(len(full)) if d not in group.rdims]
         self.r_dims = list(group.rdims)
         self.xnumel = indexing.numel([full[d] for d in self.x_dims])
@@ -157,16 +161,14 @@ class KernelBuilder:
         offset = indexing.flat_offset(index, strides)
         self.symbols |= offset.free_symbols - set(self.full_vars) - self.indirect
         pointer = self.inputs.setdefault(buffer, f"in_ptr{len(self.inputs)}")
-        uses_vars = bool(offset.free_symbols & (set(self.full_vars) | self.indirect))
-        mask = self.mask_for(offset) if uses_vars else None
         token = self.index_token(offset)
-        if extra_mask:
-            # the extra condition (cat/pad) may vary where the offset does not: make the
-            # pointer block as large as the scope so mask and pointer shapes agree
-            mask = f"{mask} & {extra_mask}" if mask else f"xmask & {extra_mask}"
-            if not uses_vars or (self.scope.in_r and mask.count("rmask") == 0):
-                token = f"{token} + {self.zeros()}"
-                mask = f"xmask & rmask & {extra_mask}" if self.scope.in_r else mask
+        if extra_mask or offset.free_symbols & self.indirect:
+            # a gathered index or a cat/pad condition may vary along any dimension: give the
+            # pointer the whole block shape so that pointer, mask and value shapes agree
+            token = f"{token} + {self.zeros()}"
+            mask = self.scope_mask() + (f" & {extra_mask}" if extra_mask else "")
+        else:
+            mask = self.mask_for(offset)
         text = f"tl.load({pointer} + ({token})" + (f", {mask}, other=0)" if mask else ")")
         loaded = self.emit(text, val.dtype)
         if compute_dtype(val.dtype) == val.dtype:
@@ -174,16 +176,26 @@ class KernelBuilder:
         upcast = self.to_compute(loaded, val.dtype)
         return Value(upcast.name, upcast.dtype, narrow=val.dtype)
 
-    def zeros(self) -> str:
+    def zeros(self, outer: bool = False) -> str:
+        """A block of zero offsets shaped like the current scope (or like one row's values)."""
         if not self.is_reduction:
             return "tl.zeros([XBLOCK], tl.int32)"
-        return "tl.zeros([XBLOCK, RBLOCK], tl.int32)" if self.scope.in_r else "tl.zeros([XBLOCK, 1], tl.int32)"
+        if self.scope.in_r and not outer:
+            return "tl.zeros([XBLOCK, RBLOCK], tl.int32)"
+        return "tl.zeros([XBLOCK, 1], tl.int32)"
 
-    def mask_for(self, expr: sympy.Expr) -> str:
-        r_vars = {self.full_vars[d] for d in self.r_dims}
-        if self.is_reduction and expr.free_symbols & r_vars:
-            return "xmask & rmask"
-        return "xmask"
+    def scope_mask(self) -> str:
+        return "xmask & rmask" if self.is_reduction and self.scope.in_r else "xmask"
+
+    def mask_for(self, expr: sympy.Expr) -> str | None:
+        """The mask of a load whose offset is `expr`: only the dimensions it varies along
+        (a pointer block of shape [1, RBLOCK] takes `rmask`, not `xmask & rmask`)."""
+        parts = []
+        if expr.free_symbols & {self.full_vars[d] for d in self.x_dims}:
+            parts.append("xmask")
+        if self.is_reduction and expr.free_symbols & {self.full_vars[d] for d in self.r_dims}:
+            parts.append("rmask")
+        return " & ".join(parts) or None
 
     def operand(self, arg, index: Index, extra_mask: str | None = None) -> Value:
         """An op's argument at the op's output index: a broadcast tensor, a SymInt or a literal."""
@@ -293,12 +305,12 @@ class KernelBuilder:
         pointer = self.outputs.setdefault(buffer, f"out_ptr{len(self.outputs)}")
         offset = indexing.flat_offset(index, indexing.shape_of(val.stride()))
         self.symbols |= offset.free_symbols - set(self.full_vars) - self.indirect
-        mask = self.mask_for(offset) if role == "full" else "xmask"
+        mask = self.scope_mask() if role == "full" else "xmask"
         token = self.index_token(offset)
-        if not offset.free_symbols & set(self.full_vars):
-            # a store needs a block of pointers even when every program writes the same element
-            shape = "[XBLOCK]" if not self.is_reduction else "[XBLOCK, 1]" if role == "outer" else "[XBLOCK, RBLOCK]"
-            token = f"tl.full({shape}, 0, tl.int32) + {token}"
+        if self.mask_for(offset) != mask:
+            # the stored element does not vary along every masked dimension (size-1 or
+            # broadcast dims): widen the pointer block to the mask's shape
+            token = f"{token} + {self.zeros(outer=role == 'outer')}"
         self.scope.lines.append(f"tl.store({pointer} + ({token}), {stored}, {mask})")
 
     # -- assembly ------------------------------------------------------------------------------
@@ -342,7 +354,10 @@ class KernelBuilder:
         r_names = [rename[v].name for v in r_vars]
         x_decode = [f"{n} = {e}" for n, e in zip(x_names, indexing.unflatten("xindex", x_sizes, pexpr)) if e != n]
         r_decode = [f"{n} = {e}" for n, e in zip(r_names, indexing.unflatten("rindex", r_sizes, pexpr)) if e != n]
-        symbols = sorted({s.name for s in self.symbols})
+        # every size symbol the printed code mentions becomes a kernel argument
+        mentioned = set().union(*(e.free_symbols for e in exprs + x_sizes + r_sizes), set())
+        variables = set(rename) | set(rename.values()) | self.indirect
+        symbols = sorted({s.name for s in (self.symbols | mentioned) - variables if not s.name.startswith("tmp")})
         arguments = list(self.inputs.values()) + list(self.outputs.values()) + symbols + ["xnumel"]
         launch = list(self.inputs) + list(self.outputs) + symbols + [pexpr(self.xnumel)]
         if self.is_reduction:

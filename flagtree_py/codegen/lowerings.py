@@ -12,6 +12,9 @@ from collections.abc import Callable
 import sympy
 import torch
 import torch.fx
+from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._sympy.functions import FloorDiv
 
 from flagtree_py.codegen import indexing
 from flagtree_py.codegen.indexing import LoweringError
@@ -42,13 +45,22 @@ def _out_dtype(node: torch.fx.Node) -> torch.dtype:
 def _promoted(k, node, index, mask, args) -> tuple[list[Value], torch.dtype]:
     """Operands converted to the op's compute dtype (torch's type promotion of the inputs)."""
     values = [k.operand(a, index, mask) for a in args]
-    tensor_dtypes = [a.meta["val"].dtype for a in args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
-    dtype = tensor_dtypes[0] if tensor_dtypes else torch.float32
-    for d in tensor_dtypes[1:]:
-        dtype = torch.promote_types(dtype, d)
-    if any(isinstance(a, float) for a in args) and not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
+    dtype = _result_type(args)
     return [k.to_compute(v, dtype) for v in values], dtype
+
+
+def _result_type(args) -> torch.dtype:
+    """torch's type promotion: by category, tensors with dimensions over 0-dim tensors over
+    Python numbers (a bool tensor times 2 is int64, a float16 tensor plus a float32 0-dim
+    tensor stays float16)."""
+    examples = []
+    for a in args:
+        value = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            value = {torch.SymInt: 1, torch.SymFloat: 1.0, torch.SymBool: True}[type(value)]
+        examples.append(value)
+    _, dtype = elementwise_dtypes(*examples, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
+    return dtype
 
 
 # -- pointwise math ----------------------------------------------------------------------------
@@ -60,11 +72,15 @@ _BINARY = {
     aten.sub.Scalar: "{0} - {1}",
     aten.mul.Tensor: "{0} * {1}",
     aten.mul.Scalar: "{0} * {1}",
-    aten.maximum.default: "tl.maximum({0}, {1})",
-    aten.minimum.default: "tl.minimum({0}, {1})",
+    # NaN wins, as in eager (Triton's default keeps the other operand)
+    aten.maximum.default: "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+    aten.minimum.default: "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
     aten.bitwise_and.Tensor: "{0} & {1}",
+    aten.bitwise_and.Scalar: "{0} & {1}",
     aten.bitwise_or.Tensor: "{0} | {1}",
+    aten.bitwise_or.Scalar: "{0} | {1}",
     aten.bitwise_xor.Tensor: "{0} ^ {1}",
+    aten.bitwise_xor.Scalar: "{0} ^ {1}",
     aten.logical_and.default: "({0} != 0) & ({1} != 0)",
     aten.logical_or.default: "({0} != 0) | ({1} != 0)",
     aten.logical_xor.default: "({0} != 0) ^ ({1} != 0)",
@@ -100,11 +116,15 @@ _UNARY_FLOAT = {
 _UNARY_SAME = {
     aten.neg.default: "-{0}",
     aten.abs.default: "tl.abs({0})",
-    aten.relu.default: "tl.maximum({0}, 0)",
+    aten.relu.default: "tl.maximum({0}, 0, propagate_nan=tl.PropagateNan.ALL)",
+    aten.bitwise_not.default: "~{0}",
+}
+
+# rounding: the identity on integers (tl.floor and friends accept only floats)
+_ROUNDING = {
     aten.floor.default: "tl.floor({0})",
     aten.ceil.default: "tl.ceil({0})",
     aten.trunc.default: "tl.where({0} < 0, tl.ceil({0}), tl.floor({0}))",
-    aten.bitwise_not.default: "~{0}",
 }
 
 
@@ -130,10 +150,12 @@ def _compare(op: str):
     return lower
 
 
-def _unary(fmt: str, float_only: bool):
+def _unary(fmt: str, float_only: bool, identity_on_integers: bool = False):
     def lower(k, node, index, mask):
         out = _out_dtype(node)
         x = k.to_compute(k.operand(node.args[0], index, mask), out if float_only else node.args[0].meta["val"].dtype)
+        if identity_on_integers and not x.dtype.is_floating_point:
+            return k.to_compute(x, out)
         return k.to_compute(k.emit(fmt.format(x.name), x.dtype), out)
 
     return lower
@@ -147,6 +169,8 @@ for _target, _fmt in _UNARY_FLOAT.items():
     POINTWISE[_target] = _unary(_fmt, float_only=True)
 for _target, _fmt in _UNARY_SAME.items():
     POINTWISE[_target] = _unary(_fmt, float_only=False)
+for _target, _fmt in _ROUNDING.items():
+    POINTWISE[_target] = _unary(_fmt, float_only=False, identity_on_integers=True)
 
 
 @_register(POINTWISE, aten.div.Tensor, aten.div.Scalar)
@@ -164,7 +188,7 @@ def _div_mode(k, node, index, mask):
         quotient = k.emit(f"{x.name} / {y.name}", x.dtype)
         q = quotient.name
         if mode == "floor":
-            return k.emit(f"tl.floor({q})", x.dtype)
+            return _floor_divide_float(k, x, y, quotient)
         if mode == "trunc":
             return k.emit(f"tl.where({q} < 0, tl.ceil({q}), tl.floor({q}))", x.dtype)
         return quotient
@@ -177,11 +201,27 @@ def _div_mode(k, node, index, mask):
     raise LoweringError("integer true division")
 
 
+def _floor_divide_float(k, x: Value, y: Value, quotient: Value) -> Value:
+    """Eager's floor division of floats (Python's `//`): from the exact remainder, not from
+    the rounded quotient, so that 1.0 // 0.1 is 9 (floor(1.0 / 0.1) would be 10)."""
+    a, b, q, t = x.name, y.name, quotient.name, x.dtype
+    mod = k.emit(f"{a} % {b}", t)  # Triton's float % is C's fmod (sign of the dividend)
+    div = k.emit(f"({a} - {mod.name}) / {b}", t)
+    div = k.emit(f"tl.where(({mod.name} != 0) & (({b} < 0) != ({mod.name} < 0)), {div.name} - 1.0, {div.name})", t)
+    floor = k.emit(f"tl.floor({div.name})", t)
+    floor = k.emit(f"tl.where({div.name} - {floor.name} > 0.5, {floor.name} + 1.0, {floor.name})", t)
+    # a zero quotient keeps the sign of a / b; division by zero gives a / b (inf or nan)
+    result = k.emit(f"tl.where({div.name} == 0, {q} * 0.0, {floor.name})", t)
+    return k.emit(f"tl.where({b} == 0, {q}, {result.name})", t)
+
+
 @_register(POINTWISE, aten.pow.Tensor_Scalar)
 def _pow_scalar(k, node, index, mask):
     out = _out_dtype(node)
     base, exponent = node.args
     x = k.to_compute(k.operand(base, index, mask), out)
+    if exponent == 0:
+        return k.constant(1, out)  # also for a NaN or zero base, as in eager
     if exponent == 2:
         return k.emit(f"{x.name} * {x.name}", x.dtype)
     if exponent == 1:
@@ -210,7 +250,7 @@ def _where(k, node, index, mask):
     return k.emit(f"tl.where({cond.name}, {x.name}, {y.name})", compute_dtype(out))
 
 
-@_register(POINTWISE, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+@_register(POINTWISE, aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.default)
 def _clamp(k, node, index, mask):
     out = _out_dtype(node)
     x = k.to_compute(k.operand(node.args[0], index, mask), out)
@@ -222,11 +262,24 @@ def _clamp(k, node, index, mask):
         low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
         high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
     text = x.name
+    # a NaN input stays NaN, as in eager (Triton's default would return the bound)
     if low is not None:
-        text = f"tl.maximum({text}, {k.to_compute(k.operand(low, index), out).name})"
+        text = f"tl.maximum({text}, {k.to_compute(k.operand(low, index, mask), out).name}, propagate_nan=tl.PropagateNan.ALL)"
     if high is not None:
-        text = f"tl.minimum({text}, {k.to_compute(k.operand(high, index), out).name})"
+        text = f"tl.minimum({text}, {k.to_compute(k.operand(high, index, mask), out).name}, propagate_nan=tl.PropagateNan.ALL)"
     return k.emit(text, x.dtype)
+
+
+@_register(POINTWISE, aten.gelu.default)
+def _gelu(k, node, index, mask):
+    out = _out_dtype(node)
+    x = k.to_compute(k.operand(node.args[0], index, mask), out).name
+    approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
+    if approximate == "tanh":
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3); libdevice's
+        # tanh is missing under the interpreter
+        return k.emit(f"{x} * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x}))", compute_dtype(out))
+    return k.emit(f"0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476))", compute_dtype(out))
 
 
 @_register(POINTWISE, aten.logical_not.default)
@@ -301,7 +354,18 @@ def _embedding(k, node, index, mask):
 def _index_select(k, node, index, mask):
     source, dim, indices = node.args
     dim = dim % max(1, source.meta["val"].dim())
-    row = k.value(indices, (index[dim],), mask)
+    row = k.value(indices, (index[dim],) if indices.meta["val"].dim() else (), mask)  # a 0-dim index keeps the dim
+    return _gather_rows(k, source, row, index[:dim] + index[dim + 1 :], dim, mask)
+
+
+@_register(POINTWISE, aten.gather.default)
+def _gather(k, node, index, mask):
+    source, dim, indices = node.args[:3]
+    if source.meta["val"].dim() == 0:
+        raise LoweringError("gather from a 0-dim tensor")
+    dim = dim % source.meta["val"].dim()
+    # out[..., i, ...] = source[..., indices[..., i, ...], ...]: the index has the output's shape
+    row = k.value(indices, index, mask)
     return _gather_rows(k, source, row, index[:dim] + index[dim + 1 :], dim, mask)
 
 
@@ -389,6 +453,48 @@ def _pad(k, node, index, mask):
     return k.emit(f"tl.where({inside.name}, {value.name}, {filler.name})", compute_dtype(out))
 
 
+@_register(POINTWISE, aten.slice_scatter.default)
+def _slice_scatter(k, node, index, mask):
+    """`self` with `src` written into `self[start::step]` along `dim`."""
+    src = node.args[1]
+    in_shape = _in_shape(node)
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(in_shape)
+    start = node.args[3] if len(node.args) > 3 else node.kwargs.get("start")
+    step = indexing.as_expr(node.args[5] if len(node.args) > 5 else node.kwargs.get("step", 1))
+    start = _slice_start(start, node.args[0].meta["val"].shape[dim])
+    # where the slice ends follows from src's length (eager checks that they agree)
+    length = indexing.as_expr(src.meta["val"].shape[dim])
+    offset = k.index_token(index[dim] - start)
+    condition = f"({offset} >= 0) & ({offset} < {k.index_token(length * step)})"
+    if step != 1:
+        condition += f" & (({offset}) % {k.index_token(step)} == 0)"
+    position = index[dim] - start if step == 1 else FloorDiv(index[dim] - start, step)
+    return _scatter_where(k, node, index, mask, condition, index[:dim] + (position,) + index[dim + 1 :])
+
+
+@_register(POINTWISE, aten.select_scatter.default)
+def _select_scatter(k, node, index, mask):
+    """`self` with `src` written into `self.select(dim, position)`."""
+    in_shape = _in_shape(node)
+    dim = node.args[2] % len(in_shape)
+    position = indexing.as_expr(node.args[3])
+    if position.is_number and position < 0:
+        position = position + in_shape[dim]
+    condition = f"{k.index_token(index[dim])} == {k.index_token(position)}"
+    return _scatter_where(k, node, index, mask, condition, index[:dim] + index[dim + 1 :])
+
+
+def _scatter_where(k, node, index, mask, condition: str, src_index) -> Value:
+    """`src` at `src_index` where `condition` holds, else `self` at `index`."""
+    base, src = node.args[:2]
+    out = _out_dtype(node)
+    inside = k.emit(condition, torch.bool)
+    inner_mask = inside.name if mask is None else f"{mask} & {inside.name}"
+    written = k.to_compute(k.value(src, tuple(src_index), inner_mask), out)
+    kept = k.to_compute(k.value(base, index, mask), out)
+    return k.emit(f"tl.where({inside.name}, {written.name}, {kept.name})", compute_dtype(out))
+
+
 # -- views: index maps -------------------------------------------------------------------------
 
 
@@ -456,14 +562,27 @@ def _slice(k, node, index, mask):
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(in_shape)
     start = node.args[2] if len(node.args) > 2 else 0
     step = node.args[4] if len(node.args) > 4 else 1
-    start = 0 if start is None else indexing.as_expr(start)
-    if start.is_number and start < 0:
-        start = sympy.Max(start + in_shape[dim], 0)
-    if start.is_number and in_shape[dim].is_number and start > in_shape[dim]:
-        start = in_shape[dim]
+    start = _slice_start(start, node.args[0].meta["val"].shape[dim])
     moved = list(index)
     moved[dim] = start + indexing.as_expr(step) * index[dim]
     return k.value(node.args[0], tuple(moved), mask)
+
+
+def _slice_start(start, size) -> sympy.Expr:
+    """Where a slice starts, as eager computes it: a negative start counts from the end, and
+    a start is clamped to [0, size]. With a symbolic size the clamp must be decided by what the
+    shape environment knows (the guards of the trace); an undecided Max cannot be printed."""
+    if start is None:
+        return sympy.Integer(0)
+    if statically_known_true(start < 0):
+        start = start + size
+        if statically_known_true(start <= 0):
+            return sympy.Integer(0)
+        if not statically_known_true(start >= 0):
+            raise LoweringError(f"slice start {start} may be negative")
+    elif statically_known_true(start > size):
+        return indexing.as_expr(size)
+    return indexing.as_expr(start)
 
 
 @_register(VIEWS, aten.select.int)
@@ -530,6 +649,8 @@ REDUCTIONS[aten.mean.dim] = _reduction("sum", _mean_finish)
 REDUCTIONS[aten.mean.default] = _reduction("sum", _mean_finish)
 REDUCTIONS[aten.amax.default] = _reduction("max")
 REDUCTIONS[aten.amin.default] = _reduction("min")
+REDUCTIONS[aten.max.default] = _reduction("max")  # x.max(): over all dims, no indices
+REDUCTIONS[aten.min.default] = _reduction("min")
 REDUCTIONS[aten.any.dim] = _reduction("max", _any_finish)
 REDUCTIONS[aten.any.dims] = _reduction("max", _any_finish)
 REDUCTIONS[aten.any.default] = _reduction("max", _any_finish)
@@ -553,7 +674,10 @@ def _var(k, node, index, mask):
         return k.emit(f"{d.name} * {d.name}", x.dtype)
 
     spread = k.reduce((node, "var"), "sum", squared)
-    divisor = k.index_token(k.rnumel - correction)
+    if float(correction).is_integer():
+        divisor = k.index_token(k.rnumel - int(correction))  # std passes correction=1.0
+    else:
+        divisor = f"({k.index_token(k.rnumel)} - {float(correction)!r})"
     return k.to_compute(k.emit(f"{spread.name} / tl.maximum({divisor}, 0)", spread.dtype), out)
 
 

@@ -83,7 +83,8 @@ def shape(node: torch.fx.Node) -> tuple:
     return indexing.shape_of(node.meta["val"].shape)
 
 
-def partition_fusion_groups(graph: torch.fx.Graph) -> Partition:
+def partition_fusion_groups(graph: torch.fx.Graph, device_type: str) -> Partition:
+    """Partition for kernels that run on `device_type` ("cuda", or "cpu" for the interpreter)."""
     nodes = list(graph.nodes)
     for position, node in enumerate(nodes):
         node.meta["_order"] = position
@@ -97,6 +98,9 @@ def partition_fusion_groups(graph: torch.fx.Graph) -> Partition:
             kinds[node] = "output"
         elif node.op == "call_function":
             kinds[node] = classify(node)
+            val = node.meta.get("val")
+            if kinds[node] != "symbolic" and isinstance(val, torch.Tensor) and val.device.type != device_type:
+                kinds[node] = "extern"  # e.g. a 0-dim CPU tensor in a CUDA graph: stays aten
         else:
             kinds[node] = "extern"
     kinds_cache.clear()

@@ -29,8 +29,13 @@ class GuardedKernel:
         self.fallback = fallback
         self.failed: str | None = None
         self.on_failure = on_failure
+        self.signature: dict | None = None  # the first launch's argument types (for AOT builds)
 
     def launch(self, grid, args, meta) -> None:
+        if self.signature is None:
+            from flagtree_py.runtime.aot import launch_signature
+
+            self.signature = launch_signature(args, meta)
         if self.failed is None:
             try:
                 if self.interpreted:
@@ -40,9 +45,10 @@ class GuardedKernel:
                     self.kernel[grid](*args, **meta)
                 return
             except Exception as error:  # compile errors, interpreter errors, resource limits
-                self.failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                self.failed = f"{type(error).__name__}: {error}"[:2000]
                 counters["kernel_fallbacks"] += 1
-                warnings.warn(f"flagtree: kernel {self.name} failed ({self.failed}); running its aten fallback", stacklevel=3)
+                first_line = self.failed.splitlines()[0][:200]
+                warnings.warn(f"flagtree: kernel {self.name} failed ({first_line}); running its aten fallback", stacklevel=3)
                 if self.on_failure is not None:
                     self.on_failure(self.name, self.failed)
         self.fallback(*args)
@@ -75,19 +81,25 @@ def _interpreter_stdlib():
     with contextlib.suppress(ImportError):
         # imported lazily by launches; it checks the originals, so it must load before the swap
         import triton.experimental.gluon  # noqa: F401
+    # Triton's interpreter also patches tl's builtins for device-function calls and never
+    # restores them: snapshot everything first and restore it all, so that a later GPU (or
+    # ahead-of-time) compile in this process sees the real triton.language
+    patched_objects = [tl, tl.core, tl.math, tl.standard, tl.core.tensor, tl.core.dtype, tl.core.condition]
+    if hasattr(tl.core, "tensor_descriptor_base"):
+        patched_objects.append(tl.core.tensor_descriptor_base)
     with _STDLIB_LOCK:
-        swapped = []
+        snapshot = [(obj, dict(vars(obj))) for obj in patched_objects]
         for module in (tl, tl.standard, tl.math):
             for name, value in list(vars(module).items()):
                 if isinstance(value, JITFunction):
-                    twin = _INTERPRETED.setdefault(value, InterpretedFunction(value.fn))
-                    swapped.append((module, name, value))
-                    setattr(module, name, twin)
+                    setattr(module, name, _INTERPRETED.setdefault(value, InterpretedFunction(value.fn)))
         try:
             # masked-off lanes compute on filler values (rsqrt(0), exp overflow): numpy must not
             # warn about what the masks discard; eager PyTorch is silent on inf/nan as well
             with np.errstate(all="ignore"):
                 yield
         finally:
-            for module, name, value in swapped:
-                setattr(module, name, value)
+            for obj, attributes in snapshot:
+                for name, value in attributes.items():
+                    if vars(obj).get(name) is not value:
+                        setattr(obj, name, value)

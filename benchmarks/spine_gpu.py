@@ -1,0 +1,138 @@
+"""GPU check of the compiler spine: the four tiny models and one real-shape Qwen3-8B layer in bf16.
+
+For every model: flagtree's bf16 output and eager's bf16 output are both compared with an fp32
+eager reference (same weights, TF32 off). The bf16 tolerance is *relative to eager's own bf16
+error*: flagtree passes when its error is at most 2x eager-bf16's plus 1e-2 of the reference's
+largest magnitude (fp32 accumulation in our kernels can be more, not less, accurate than eager;
+the slack covers reordered reductions). Top-1 agreement of the logits is reported too.
+
+The real-shape layer is also timed (median of CUDA-event timings, `triton.testing.do_bench`) for
+eager, TorchInductor (default mode) and flagtree in the same run. These are spine figures:
+GEMMs and attention are still aten here (the kernels issue replaces them).
+
+    python benchmarks/spine_gpu.py --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+import traceback
+
+import torch
+
+import flagtree_py
+from flagtree_py.models import build_model, real_config, tiny_config
+
+PRESETS = ["qwen3", "qwen3-30b-a3b", "qwen3-omni", "step3"]
+
+
+def compare(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor) -> dict:
+    scale = ref.abs().max().item()
+    flag_err = (out.float() - ref).abs().max().item() / scale
+    eager_err = (eager.float() - ref).abs().max().item() / scale
+    top1 = (out.float().argmax(-1) == ref.argmax(-1)).float().mean().item()
+    top1_eager = (eager.float().argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return {
+        "flagtree_rel_err_vs_fp32": flag_err,
+        "eager_bf16_rel_err_vs_fp32": eager_err,
+        "flagtree_top1_vs_fp32": top1,
+        "eager_top1_vs_fp32": top1_eager,
+        "finite": bool(torch.isfinite(out).all()),
+        "passed": bool(torch.isfinite(out).all()) and flag_err <= 2 * eager_err + 1e-2,
+    }
+
+
+def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool) -> dict:
+    torch._dynamo.reset()
+    flagtree_py.clear_report()
+    result: dict = {"model": name, "num_layers": num_layers}
+    model32 = build_model(config, dtype=torch.float32, device="cuda", num_layers=num_layers, seed=0)
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)  # the very same weights, rounded
+    compiled = torch.compile(model16, backend="flagtree", dynamic=True)
+    checks = []
+    with torch.no_grad():
+        for length in lengths:
+            ids = torch.randint(0, min(1000, getattr(config, "vocab_size", 1000)), (1, length), device="cuda")
+            ref = model32(ids).float()
+            eager = model16(ids)
+            start = time.perf_counter()
+            out = compiled(ids)
+            torch.cuda.synchronize()
+            checks.append({"length": length, "first_call_s": round(time.perf_counter() - start, 3), **compare(out, eager, ref)})
+    del model32
+    result["checks"] = checks
+    result["passed"] = all(c["passed"] for c in checks)
+    records = flagtree_py.report()
+    result["graphs"] = [
+        {k: r.get(k) for k in ("graph", "target", "target_reason", "executor", "triton_kernels", "lowered_fraction",
+                               "work_nodes", "codegen_fallbacks", "kernel_failures", "compile_s", "dynamic_symbols")}
+        | {"extern_ops": sorted(set(r.get("extern_ops", [])))}
+        for r in records
+    ]
+    if time_it:
+        result["timing_ms"] = time_layer(model16, lengths)
+    return result
+
+
+def time_layer(model, lengths) -> dict:
+    from triton.testing import do_bench
+
+    timings = {}
+    with torch.no_grad():
+        for length in lengths:
+            ids = torch.randint(0, 1000, (1, length), device="cuda")
+            row = {"eager": do_bench(lambda: model(ids), warmup=25, rep=200, return_mode="median")}
+            for backend in ("inductor", "flagtree"):
+                torch._dynamo.reset()
+                compiled = torch.compile(model, backend=backend, dynamic=False)
+                start = time.perf_counter()
+                compiled(ids)
+                torch.cuda.synchronize()
+                row[f"{backend}_compile_s"] = round(time.perf_counter() - start, 2)
+                row[backend] = do_bench(lambda: compiled(ids), warmup=25, rep=200, return_mode="median")
+            timings[f"B1_S{length}"] = row
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="spine_gpu.json")
+    parser.add_argument("--skip-real", action="store_true")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    import triton
+    import transformers
+
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "models": [],
+    }
+    jobs = [(p, tiny_config(p), None, (7, 33), False) for p in PRESETS]
+    if not args.skip_real:
+        jobs.append(("qwen3-8b-layer (real shapes, 1 decoder layer)", real_config("qwen3"), 1, (1, 2048), True))
+    for name, config, layers, lengths, time_it in jobs:
+        print(f"== {name}", flush=True)
+        try:
+            entry = run_model(name, config, layers, lengths, time_it)
+        except Exception as error:
+            entry = {"model": name, "passed": False, "error": f"{type(error).__name__}: {error}",
+                     "traceback": traceback.format_exc()[-3000:]}
+        report["models"].append(entry)
+        print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}, indent=1)[:3000], flush=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print("SUMMARY", json.dumps([(m["model"], m.get("passed")) for m in report["models"]]))
+
+
+if __name__ == "__main__":
+    main()

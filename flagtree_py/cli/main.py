@@ -1,0 +1,62 @@
+"""`flagtree`: the command line (console script `flagtree = flagtree_py.cli.main:main`).
+
+    flagtree demo       compile a tiny random-weight model with flagtree, compare greedy tokens with eager
+    flagtree targets    the registered targets (chips flagtree lowers for) and how they differ
+    flagtree --version
+
+Exit status: 0 success, 1 the command ran and found a failure (e.g. compiled tokens differ from eager),
+2 bad input (argparse errors and the commands' own one-line errors), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+from flagtree_py import __version__
+from flagtree_py.cli import demo, targets
+from flagtree_py.cli.common import installed_version
+
+#: one module per subcommand, in the order `flagtree --help` lists them
+#: (serve, cache, compile and validate join this list as they are written)
+COMMANDS = (demo, targets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flagtree",
+        description="flagtree: a torch.compile backend for LLM inference (torch.compile(model, backend=\"flagtree\")).",
+        epilog="exit status: 0 success, 1 the command found a failure, 2 bad input",
+    )
+    parser.add_argument("--version", action="version", version=version_line())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def version_line() -> str:
+    """flagtree's version and the toolchain it compiles with (read from package metadata: no torch import)."""
+    return (
+        f"flagtree {__version__} (torch {installed_version('torch')}, triton {installed_version('triton')}, "
+        f"python {platform.python_version()})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help and --version exit 0, argparse errors exit 2
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{args.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
