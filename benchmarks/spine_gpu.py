@@ -63,6 +63,8 @@ def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool)
             out = compiled(ids)
             torch.cuda.synchronize()
             checks.append({"length": length, "first_call_s": round(time.perf_counter() - start, 3), **compare(out, eager, ref)})
+            if not checks[-1]["passed"]:
+                checks[-1]["diagnosis"] = diagnose(compiled, model16, ids, ref)
     del model32
     result["checks"] = checks
     result["passed"] = all(c["passed"] for c in checks)
@@ -76,6 +78,31 @@ def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool)
     if time_it:
         result["timing_ms"] = time_layer(model16, lengths)
     return result
+
+
+def diagnose(compiled, model16, ids, ref) -> dict:
+    """Which positions are off, and which kernel's aten fallback makes the error go away."""
+    import sys
+
+    from flagtree_py.runtime.launch import GuardedKernel
+
+    scale = ref.abs().max().item()
+    out = compiled(ids).float()
+    per_position = ((out - ref).abs().amax(-1) / scale)[0].tolist()
+    kernels = []
+    for record in flagtree_py.report():
+        module = sys.modules.get(record["module_path"].rsplit("/", 1)[-1][:-3])
+        if module is None:
+            continue
+        kernels += [(name, k) for name, k in vars(module).items() if isinstance(k, GuardedKernel)]
+    culprits = []
+    for name, kernel in kernels:
+        kernel.failed = "forced by diagnose()"
+        err = (compiled(ids).float() - ref).abs().max().item() / scale
+        kernel.failed = None
+        culprits.append((err, name))
+    culprits.sort()
+    return {"per_position_rel_err": [round(e, 4) for e in per_position], "error_with_one_kernel_on_aten": culprits[:6]}
 
 
 def time_layer(model, lengths) -> dict:

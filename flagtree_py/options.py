@@ -16,6 +16,7 @@ class CompileOptions:
     target: str = "auto"  # auto | nvidia | metax | iluvatar | interpreter | a registered target name
     dump_dir: str | None = None  # write the aten graph, partition, kernels and wrapper here
     fallback: bool = True  # a group whose kernel fails to build runs its aten ops instead (warned)
+    poison_outputs: bool = False  # debug: fill kernel outputs with NaN/-1 first, so unwritten elements show
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -36,5 +37,5 @@ class CompileOptions:
 
     def hash(self) -> str:
         """Only what changes generated code (the dump directory does not)."""
-        fields = {"target": self.target, "fallback": self.fallback}
+        fields = {"target": self.target, "fallback": self.fallback, "poison_outputs": self.poison_outputs}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -70,7 +70,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(generated.source, directory, graph_name)
     bind_kernels(module, [k.name for k in generated.kernels], interpret=device_type != "cuda",
-                 constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure)
+                 constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure,
+                 poison=options.poison_outputs)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, gm, partition)
 

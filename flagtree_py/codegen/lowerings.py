@@ -136,7 +136,10 @@ def _binary(fmt: str):
         if alpha != 1:
             y = k.emit(f"{y.name} * {k.to_compute(k.operand(alpha, index), dtype).name}", compute_dtype(dtype))
         out = _out_dtype(node)
-        result = k.emit(fmt.format(x.name, y.name), compute_dtype(dtype))
+        text = fmt.format(x.name, y.name)
+        if dtype == torch.bool and fmt == "{0} + {1}":
+            text = f"{x.name} | {y.name}"  # True + True is True; a 1-bit add would wrap to False
+        result = k.emit(text, compute_dtype(dtype))
         return k.to_compute(result, out)
 
     return lower

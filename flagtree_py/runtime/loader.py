@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import torch
+
 from flagtree_py.runtime.launch import GuardedKernel
 
 
@@ -27,7 +29,16 @@ def load_module(source: str, directory: Path, name_hint: str):
     return module, path
 
 
-def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: dict, externs: dict, on_failure=None) -> None:
+def poisoned_empty_strided(size, stride, *, dtype, device):
+    """`torch.empty_strided`, filled with a value no kernel computes by accident."""
+    tensor = torch.empty_strided(size, stride, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return tensor.fill_(float("nan"))
+    return tensor.fill_(True if dtype == torch.bool else -7)
+
+
+def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: dict, externs: dict, on_failure=None,
+                 poison: bool = False) -> None:
     """Replace each `@triton.jit` kernel in the module by a `GuardedKernel`.
 
     On a machine without the target GPU the same source runs through Triton's interpreter.
@@ -39,5 +50,7 @@ def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: di
         kernel = InterpretedFunction(jit.fn) if interpret else jit
         setattr(module, name, GuardedKernel(name, kernel, getattr(module, f"{name}_fallback"), on_failure, interpreted=interpret))
     module.constants.update(constants)
+    if poison:
+        module.empty_strided = poisoned_empty_strided
     for extern_name, target in externs.items():
         setattr(module, extern_name, target)

@@ -65,25 +65,17 @@ def test_demo_reports_progress_on_stderr(demo_json):
 
 
 @pytest.mark.slow
-def test_demo_is_deterministic_given_the_seed(demo_json, run_cli):
-    """The same seed gives the same prompt and tokens; this also exercises the summary (non-JSON) output."""
-    first = _summary(demo_json)
-    result = run_cli("demo", "--tokens", "3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"compiled == eager, 3 of 3: {first['eager_tokens'][:3]}" in result.stdout
-
-
-@pytest.mark.slow
-def test_demo_summary_through_the_console_script(run_cli, flagtree_script):
-    if flagtree_script is None:
-        pytest.skip("the `flagtree` console script is not installed (pip install -e .)")
-    result = run_cli("demo", "--tokens", "3", "--prompt-length", "5", script=True)
+def test_demo_summary(demo_json, run_cli, flagtree_script):
+    """The readable summary, through the installed console script where there is one (`flagtree demo`,
+    as the README says); the same seed gives the same prompt and so the same first tokens as --json."""
+    result = run_cli("demo", "--tokens", "3", script=flagtree_script is not None)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("flagtree demo: qwen3 (Qwen/Qwen3-8B architecture, tiny random weights")
     for label in ("target", "graphs", "kernels", "in kernels", "extern ops", "compile", "tokens/s", "greedy tokens"):
         assert f"\n  {label} " in out
-    assert "Triton kernels" in out and "compiled == eager, 3 of 3" in out
+    assert "Triton kernels" in out
+    assert f"compiled == eager, 3 of 3: {_summary(demo_json)['eager_tokens'][:3]}" in out
     if not CUDA:
         assert "correctness, not speed" in out
 
