@@ -33,6 +33,10 @@ class CompileOptions:
         target = options.get("target", "auto")
         if not isinstance(target, str) or not target:
             raise ValueError(f"flagtree option 'target' must be one of {TARGET_CHOICES} or a target name, got {target!r}")
+        if target != "auto":
+            from flagtree_py.targets import get_target
+
+            get_target(target)  # a one-line error naming the known targets, before any compile
         return cls(**options)
 
     def hash(self) -> str:

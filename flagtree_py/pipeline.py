@@ -2,7 +2,7 @@
 
     capture   (backend.py)  Dynamo's FX graph -> AOTAutograd inference graph in core aten ops,
                             dynamic sizes kept as sympy symbols
-    canonicalize            dead code, common subexpressions, views that do nothing
+    canonicalize            dead code, common subexpressions, splits into slices, views that do nothing
     partition               fusion groups on a networkx DAG (vertical fusion, no cycles)
     lower                   each group -> a Triton kernel from a Jinja2 template (codegen/),
                             shaped by the target's tile tables; the rest stays extern aten
@@ -26,6 +26,7 @@ from flagtree_py.codegen.lowerings import is_gemm_or_attention
 from flagtree_py.codegen.wrapper import ModuleWriter
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
+from flagtree_py.passes.decompose_split import decompose_split
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
@@ -35,7 +36,13 @@ from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.targets import select_target
 
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
-CANONICALIZE = [eliminate_dead_code, eliminate_common_subexpressions, remove_noop_views, eliminate_dead_code]
+CANONICALIZE = [
+    eliminate_dead_code,
+    eliminate_common_subexpressions,
+    decompose_split,  # split pieces become slices: views that kernels fold
+    remove_noop_views,
+    eliminate_dead_code,
+]
 
 _MODULE_DIR = Path(tempfile.gettempdir()) / "flagtree_modules"
 

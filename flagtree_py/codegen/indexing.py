@@ -259,8 +259,9 @@ def _print(e: sympy.Expr) -> str:
         coefficient, rest = e.as_coeff_Mul()
         if coefficient == -1:
             return "-" + _paren(rest)
-        factors = sorted(e.args, key=_term_order)
-        return "*".join(_paren(f) for f in factors)
+        factors = sorted(sympy.Mul.make_args(rest), key=sympy.default_sort_key)
+        text = "*".join(_paren(f) for f in factors)
+        return text if coefficient == 1 else f"{_paren(coefficient)}*{text}"
     if isinstance(e, sympy.Pow) and e.exp.is_Integer and e.exp > 0:
         return "*".join([_paren(e.base)] * int(e.exp))
     if isinstance(e, FloorDiv):

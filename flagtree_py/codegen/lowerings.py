@@ -223,6 +223,8 @@ def _pow_scalar(k, node, index, mask):
     out = _out_dtype(node)
     base, exponent = node.args
     x = k.to_compute(k.operand(base, index, mask), out)
+    if isinstance(exponent, (torch.fx.Node, torch.SymInt, torch.SymFloat)):
+        return _pow_symbolic(k, node, x, exponent, index)
     if exponent == 0:
         return k.constant(1, out)  # also for a NaN or zero base, as in eager
     if exponent == 2:
@@ -242,6 +244,19 @@ def _pow_scalar(k, node, index, mask):
         raise LoweringError(f"pow with exponent {exponent!r}")
     # a non-integer power of a negative base is NaN here as in eager
     return k.emit(f"tl.exp2({float(exponent)!r} * tl.log2({x.name}))", x.dtype)
+
+
+def _pow_symbolic(k, node, x: Value, exponent, index) -> Value:
+    """x ** e for an integer e known only at run time (a size, or an int Dynamo made dynamic)."""
+    value = exponent.meta.get("val") if isinstance(exponent, torch.fx.Node) else exponent
+    if not isinstance(value, torch.SymInt) or not x.dtype.is_floating_point:
+        raise LoweringError(f"pow with a symbolic exponent {value!r} of a {x.dtype} base")
+    e = k.to_compute(k.operand(exponent, index), x.dtype).name
+    magnitude = k.emit(f"tl.exp2({e} * tl.log2(tl.abs({x.name})))", x.dtype)
+    # an odd power keeps the base's sign; x ** 0 is 1 even for x = 0 (where 0 * log2(0) is NaN)
+    sign = k.emit(f"1.0 - 4.0 * ({e} * 0.5 - tl.floor({e} * 0.5))", x.dtype)  # -1.0 for an odd e
+    signed = k.emit(f"tl.where({x.name} < 0, {sign.name} * {magnitude.name}, {magnitude.name})", x.dtype)
+    return k.emit(f"tl.where({e} == 0, 1.0, {signed.name})", x.dtype)
 
 
 @_register(POINTWISE, aten.where.self)
@@ -463,14 +478,15 @@ def _slice_scatter(k, node, index, mask):
     in_shape = _in_shape(node)
     dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(in_shape)
     start = node.args[3] if len(node.args) > 3 else node.kwargs.get("start")
+    end = node.args[4] if len(node.args) > 4 else node.kwargs.get("end")
     step = indexing.as_expr(node.args[5] if len(node.args) > 5 else node.kwargs.get("step", 1))
-    start = _slice_start(start, node.args[0].meta["val"].shape[dim])
     # where the slice ends follows from src's length (eager checks that they agree)
     length = indexing.as_expr(src.meta["val"].shape[dim])
+    start = _slice_start(start, end, step, node.args[0].meta["val"].shape[dim], length)
     offset = k.index_token(index[dim] - start)
     condition = f"({offset} >= 0) & ({offset} < {k.index_token(length * step)})"
     if step != 1:
-        condition += f" & (({offset}) % {k.index_token(step)} == 0)"
+        condition += f" & (({offset}) % ({k.index_token(step)}) == 0)"
     position = index[dim] - start if step == 1 else FloorDiv(index[dim] - start, step)
     return _scatter_where(k, node, index, mask, condition, index[:dim] + (position,) + index[dim + 1 :])
 
@@ -564,17 +580,20 @@ def _slice(k, node, index, mask):
     in_shape = _in_shape(node)
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(in_shape)
     start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
-    start = _slice_start(start, node.args[0].meta["val"].shape[dim])
+    length = indexing.as_expr(node.meta["val"].shape[dim])
+    start = _slice_start(start, end, step, node.args[0].meta["val"].shape[dim], length)
     moved = list(index)
     moved[dim] = start + indexing.as_expr(step) * index[dim]
     return k.value(node.args[0], tuple(moved), mask)
 
 
-def _slice_start(start, size) -> sympy.Expr:
-    """Where a slice starts, as eager computes it: a negative start counts from the end, and
-    a start is clamped to [0, size]. With a symbolic size the clamp must be decided by what the
-    shape environment knows (the guards of the trace); an undecided Max cannot be printed."""
+def _slice_start(start, end, step, size, length) -> sympy.Expr:
+    """Where a slice of `length` elements starts, as eager computes it: a negative start counts
+    from the end, and a start is clamped to [0, size]. With a symbolic size the clamp must be
+    decided by what the shape environment knows (an undecided Max cannot be printed), or by the
+    length: a unit-step slice that runs to the end starts `length` elements before it."""
     if start is None:
         return sympy.Integer(0)
     if statically_known_true(start < 0):
@@ -582,6 +601,8 @@ def _slice_start(start, size) -> sympy.Expr:
         if statically_known_true(start <= 0):
             return sympy.Integer(0)
         if not statically_known_true(start >= 0):
+            if step == 1 and (end is None or statically_known_true(end >= size)):
+                return indexing.as_expr(size) - indexing.as_expr(length)
             raise LoweringError(f"slice start {start} may be negative")
     elif statically_known_true(start > size):
         return indexing.as_expr(size)
@@ -639,7 +660,8 @@ def _reduction(kind: str, finish=None):
 
 
 def _mean_finish(k, node, total):
-    return k.emit(f"{total.name} / {k.index_token(k.rnumel)}", total.dtype)
+    # parenthesized: a symbolic count prints as a product (s0*s1), and a / s0*s1 is (a / s0) * s1
+    return k.emit(f"{total.name} / ({k.index_token(k.rnumel)})", total.dtype)
 
 
 def _any_finish(k, node, total):
@@ -672,7 +694,7 @@ def _var(k, node, index, mask):
     def squared():
         x = k.to_compute(k.value(source, k.full_index()), out)
         # emitted in the scope that reads it: a looped kernel computes it inside its own loop
-        mean = k.emit(f"{total.name} / {k.index_token(k.rnumel)}", total.dtype)
+        mean = k.emit(f"{total.name} / ({k.index_token(k.rnumel)})", total.dtype)
         d = k.emit(f"{x.name} - {mean.name}", x.dtype)
         return k.emit(f"{d.name} * {d.name}", x.dtype)
 

@@ -1,0 +1,71 @@
+"""Fusion groups: vertical fusion, stored outputs, and never a cycle."""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified
+
+from flagtree_py.decompositions import flagtree_decompositions
+from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
+
+
+def _aten_graph(fn, *inputs) -> torch.fx.GraphModule:
+    captured = {}
+
+    def backend(gm, example_inputs):
+        def compiler(aten_gm, _):
+            captured["gm"] = aten_gm
+            return aten_gm.forward
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, decompositions=flagtree_decompositions())
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=backend)(*inputs)
+    return captured["gm"]
+
+
+def test_residual_add_and_rms_norm_are_one_group_storing_both():
+    def f(x, residual, w):
+        h = x + residual
+        hf = h.float()
+        normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return h, w * normed
+
+    gm = _aten_graph(f, torch.randn(3, 8, 64), torch.randn(3, 8, 64), torch.randn(64))
+    partition = partition_fusion_groups(gm.graph, "cpu")
+    assert len(partition.groups) == 1
+    (group,) = partition.groups
+    assert group.rdims == (2,)
+    assert sorted(role for _, role in group.stores()) == ["full", "full"]
+
+
+def test_values_used_by_an_extern_are_stored_and_the_dag_is_acyclic():
+    def f(x, w1, w2):
+        a = torch.relu(x @ w1)  # extern mm, then a pointwise group
+        b = a @ w2  # extern reads a: a must be stored
+        return torch.softmax(b + a, -1)  # reads the extern's output and a again
+
+    gm = _aten_graph(f, torch.randn(4, 16), torch.randn(16, 16), torch.randn(16, 16))
+    partition = partition_fusion_groups(gm.graph, "cpu")
+    assert nx.is_directed_acyclic_graph(partition.dag)
+    relu = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.relu.default)
+    assert relu in partition.group_of[relu].stored
+    assert len(partition.groups) == 2
+
+
+def test_a_merge_that_would_close_a_cycle_is_refused():
+    # p feeds both an extern (mm) and the final group, and the final group reads the mm's
+    # output: putting p into the final group would make group -> mm -> group
+    def f(x, w):
+        p = x.exp()
+        q = p @ w
+        return (p * 2 + q).sum(-1)
+
+    gm = _aten_graph(f, torch.randn(8, 8), torch.randn(8, 8))
+    partition = partition_fusion_groups(gm.graph, "cpu")
+    assert nx.is_directed_acyclic_graph(partition.dag)
+    exp = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.exp.default)
+    total = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.sum.dim_IntList)
+    assert partition.group_of[exp] is not partition.group_of[total]
