@@ -15,7 +15,8 @@ import platform
 import time
 from collections import Counter
 
-from flagtree_py.cli.common import Progress, error, installed_version
+from flagtree_py import __version__ as flagtree_version
+from flagtree_py.cli.common import Progress, error
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -24,7 +25,8 @@ CPU_TIMING_NOTE = (
     "no KV cache: each token reruns the whole sequence"
 )
 GPU_TIMING_NOTE = (
-    "a tiny model and no KV cache (each token reruns the whole sequence): not a benchmark; see benchmarks/"
+    "not a benchmark (see benchmarks/): a tiny model, no KV cache (each token reruns the whole sequence), and "
+    "the compiled figure includes Triton compiling its kernels again for sizes it specializes on (a multiple of 16)"
 )
 
 
@@ -36,7 +38,8 @@ def add_parser(subparsers) -> None:
         epilog="exit status: 0 compiled tokens equal eager's, 1 they differ (or a graph was not compiled), "
         "2 bad input",
     )
-    parser.add_argument("--preset", default="qwen3", help="model preset (default: qwen3); an unknown name lists the known ones")
+    parser.add_argument("--preset", default="qwen3",
+                        help="model preset (default: qwen3); an unknown name lists the known ones")
     parser.add_argument("--tokens", type=_positive_int, default=8, help="tokens to generate (default: 8)")
     parser.add_argument("--prompt-length", type=_positive_int, default=12, help="random prompt length (default: 12)")
     parser.add_argument(
@@ -179,10 +182,19 @@ def run_demo(preset_name: str, new_tokens: int, prompt_length: int, target: str,
         "first_difference": first_difference,
         "eager_margin_at_difference": eager_margin,
         "max_abs_logit_diff": (compiled_logits - eager_logits).abs().max().item(),
-        "versions": {name: installed_version(name) for name in ("flagtree", "torch", "triton", "transformers")}
-        | {"python": platform.python_version()},
+        "versions": _versions(),
     })
     return summary
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+    import triton
+
+    # the modules' own strings: a local build's "+cu130" is in torch.__version__, not in its metadata
+    return {"flagtree": flagtree_version, "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def _compile_facts(records: list[dict]) -> dict:
@@ -222,7 +234,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {label:<18}{text}")
 
     where = "Triton's interpreter on the CPU" if s["executor"] == "interpreter" else "Triton on the GPU"
-    row("target", f"{s['target']} ({s['target_reason']}); kernels run in {where}" if s["target"] else "none: no graph compiled")
+    if s["target"]:
+        row("target", f"{s['target']} ({s['target_reason']}); kernels run in {where}")
+    else:
+        row("target", "none: no graph was compiled")
     dynamic = f", dynamic sizes {', '.join(s['dynamic_symbols'])}" if s["dynamic_symbols"] else ""
     row("graphs", f"{s['graphs_compiled']} compiled{dynamic}")
     for problem in s["graph_fallbacks"]:

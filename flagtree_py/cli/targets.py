@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     # in-tree vendors first, in VENDOR_DEFAULTS' order, then plugins; a stable sort keeps each vendor's own order
     vendor_rank = {vendor: rank for rank, vendor in enumerate(VENDOR_DEFAULTS)}
-    specs = sorted(registered_targets().values(), key=lambda spec: (vendor_rank.get(spec.vendor, len(vendor_rank)), spec.vendor))
+    specs = sorted(registered_targets().values(),
+                   key=lambda spec: (vendor_rank.get(spec.vendor, len(vendor_rank)), spec.vendor))
     aliases = {name: vendor for vendor, name in VENDOR_DEFAULTS.items() if vendor != name}
     if args.json:
         print(json.dumps({

@@ -63,8 +63,7 @@ class KernelBuilder:
 
     def __init__(self, group, buffers, lowerings, views, persistent_limit: int) -> None:
         self.group = group
-        self.views = views  # view nodes folded into index expressions
-        self.buffers_only = frozenset()
+        self.views = views  # view nodes: folded into index expressions, never loaded
         self.buffers = buffers  # node -> wrapper buffer name, for everything materialized
         self.lowerings = lowerings
         self.counter = 0
@@ -142,7 +141,7 @@ class KernelBuilder:
         key = ("node", node, index, extra_mask)
         if key in self.scope.memo:
             return self.scope.memo[key]
-        if node in self.group.members or (node in self.views and node not in self.buffers_only):
+        if node in self.group.members or node in self.views:
             lowering = self.lowerings.get(node.target)
             if lowering is None:
                 raise LoweringError(f"no lowering for {node.target}")

@@ -33,7 +33,8 @@ def _summary(result) -> dict:
 @pytest.mark.slow
 def test_demo_json_compiles_and_matches_eager(demo_json):
     summary = _summary(demo_json)
-    assert (summary["preset"], summary["dtype"], summary["new_tokens"], summary["prompt_length"]) == ("qwen3", "float32", 8, 12)
+    assert (summary["preset"], summary["dtype"]) == ("qwen3", "float32")
+    assert (summary["new_tokens"], summary["prompt_length"]) == (8, 12)
     assert summary["device"] == ("cuda" if CUDA else "cpu")
     if not CUDA:
         assert summary["target"] == "interpreter" and summary["executor"] == "interpreter"
@@ -84,7 +85,8 @@ def test_demo_summary(demo_json, run_cli, flagtree_script):
 def test_demo_requested_target(run_cli):
     result = run_cli("demo", "--target", "metax", "--tokens", "2", "--prompt-length", "4", "--json")
     summary = _summary(result)
-    assert (summary["target"], summary["target_vendor"], summary["target_reason"]) == ("metax-c500", "metax", "requested: metax")
+    assert (summary["target"], summary["target_vendor"]) == ("metax-c500", "metax")
+    assert summary["target_reason"] == "requested: metax"
     assert summary["requested_target"] == "metax"
     assert summary["triton_kernels"] > 0 and summary["tokens_agree"]
 

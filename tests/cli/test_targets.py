@@ -68,7 +68,8 @@ def test_differences_are_read_from_the_data():
     line = describe_differences([SM90, wide])
     assert "warp size 32 (nvidia-sm90) vs 64 (wide-warp)" in line
     assert "All share max threads/block 1024" in line and "Triton language 3.6" in line
-    assert describe_differences([SM90, dataclasses.replace(SM90, name="twin")]).startswith("How they differ: in name only.")
+    twin = dataclasses.replace(SM90, name="twin")
+    assert describe_differences([SM90, twin]).startswith("How they differ: in name only.")
 
 
 def test_version(run_cli):

@@ -255,20 +255,20 @@ CASTS = [
 ]
 
 FACTORIES = [
-    case("arange", lambda a: a + torch.arange(a.shape[-1]), x3, "aten.arange.start_step"),
-    case("arange_start_step", lambda a: a * torch.arange(2, 2 * a.shape[-1] + 2, 2), x3, "aten.arange.start_step"),
-    case("arange_float", lambda a: a + torch.arange(0.5, 3.0, 0.5), x3, "aten.arange.start_step", dynamic=False),
+    case("arange", lambda a: a + torch.arange(a.shape[-1], device=a.device), x3, "aten.arange.start_step"),
+    case("arange_start_step", lambda a: a * torch.arange(2, 2 * a.shape[-1] + 2, 2, device=a.device), x3, "aten.arange.start_step"),
+    case("arange_float", lambda a: a + torch.arange(0.5, 3.0, 0.5, device=a.device), x3, "aten.arange.start_step", dynamic=False),
     case("arange_alone", lambda: torch.arange(7) * 2, lambda g, n: (), "aten.arange.start_step", dynamic=False),
-    case("full", lambda a: a + torch.full((a.shape[0], 1), 2.5), x3, "aten.full.default"),
+    case("full", lambda a: a + torch.full((a.shape[0], 1), 2.5, device=a.device), x3, "aten.full.default"),
     case("full_alone", lambda: torch.full((2, 3), 1.5), lambda g, n: (), "aten.full.default", dynamic=False),
-    case("zeros", lambda a: a + torch.zeros(a.shape[-1]), x3, "aten.full.default"),
-    case("ones", lambda a: a * torch.ones(a.shape[0], 1), x3, "aten.full.default"),
+    case("zeros", lambda a: a + torch.zeros(a.shape[-1], device=a.device), x3, "aten.full.default"),
+    case("ones", lambda a: a * torch.ones(a.shape[0], 1, device=a.device), x3, "aten.full.default"),
     case("new_full", lambda a: a.new_full((a.shape[-1],), 3.0) - a, x3, "aten.full.default"),
     case("full_like", lambda a: torch.full_like(a, 7.0) - a, x3, "aten.full_like.default"),
     case("zeros_like", lambda a: torch.zeros_like(a) + a, x3, "aten.full_like.default"),
     case("ones_like_int", lambda a: torch.ones_like(a, dtype=torch.int64) + a, lambda g, n: (ints(g, 3, n),), "aten.full_like.default"),
     # a tensor literal is a constant of fixed size: no symbolic n
-    case("lift_fresh_copy", lambda a: a + torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), x3, "aten.lift_fresh_copy.default", dynamic=False),
+    case("lift_fresh_copy", lambda a: a + torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], device=a.device), x3, "aten.lift_fresh_copy.default", dynamic=False),
 ]
 
 GATHERS = [
