@@ -112,7 +112,8 @@ def _statistics(graph: torch.fx.Graph, partition, generated) -> dict:
     work = [n for n in calls if kinds[n] != "view" and not is_gemm_or_attention(n)
             and str(n.target) != "<built-in function getitem>"]
     views = [n for n in calls if kinds[n] == "view"]
-    emitted_views = [n for n in views if f"    {n.name} = " in generated.source]
+    wrapper_source = generated.source.split("\ndef call(args):", 1)[-1]
+    emitted_views = [n for n in views if f"    {n.name} = " in wrapper_source]
     lowered = [n for n in work if n in in_kernels]
     symbols = sorted({str(s) for n in graph.nodes if n.op == "placeholder" for s in _symbols(n)})
     return {

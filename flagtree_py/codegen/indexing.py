@@ -58,6 +58,17 @@ def same(a: sympy.Expr, b: sympy.Expr) -> bool:
     return a == b or sympy.expand(a - b) == 0
 
 
+def _same_numel(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """Equality of two products of a reshape's sizes (see `_exact`); only valid there."""
+    return a == b or sympy.expand(_exact(a) - _exact(b)) == 0
+
+
+def _exact(e: sympy.Expr) -> sympy.Expr:
+    """Sizes as exact quotients: a reshape to (2, s // 2) is only valid (and guarded by
+    Dynamo) when 2 divides s, so there 2 * (s // 2) is s."""
+    return sympy.sympify(e).replace(FloorDiv, lambda a, b: a / b)
+
+
 def contiguous_strides(sizes: Sequence[sympy.Expr]) -> Index:
     strides, running = [], sympy.Integer(1)
     for size in reversed(sizes):
@@ -104,9 +115,9 @@ def reshape_index(index: Index, in_sizes: Index, out_sizes: Index) -> Index:
         group_in, group_out = [], []
         prod_in, prod_out = sympy.Integer(1), sympy.Integer(1)
         while True:
-            if group_in and group_out and same(prod_in, prod_out):
+            if group_in and group_out and _same_numel(prod_in, prod_out):
                 break
-            grow_in = not group_in or (not same(prod_in, prod_out) and _smaller(prod_in, prod_out))
+            grow_in = not group_in or (not _same_numel(prod_in, prod_out) and _smaller(prod_in, prod_out))
             if grow_in and i < len(in_dims):
                 group_in.append(in_dims[i])
                 prod_in = prod_in * in_sizes[in_dims[i]]
@@ -138,14 +149,20 @@ def reshape_index(index: Index, in_sizes: Index, out_sizes: Index) -> Index:
 
 
 def _div(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr:
-    quotient = sympy.cancel(a / b)
+    quotient = sympy.cancel(_exact(a) / _exact(b))
     if quotient.is_Integer or quotient.free_symbols and sympy.fraction(quotient)[1] == 1:
         return quotient
+    if quotient.is_Rational is False or quotient.free_symbols:
+        # e.g. s/2 from a split of s into (2, s // 2): the guarded exact division
+        numerator, denominator = sympy.fraction(sympy.factor(quotient))
+        if denominator.is_Integer:
+            return FloorDiv(numerator, denominator)
     raise LoweringError(f"reshape sizes do not divide: {a} / {b}")
 
 
 def _smaller(a: sympy.Expr, b: sympy.Expr) -> bool:
     """Whether a product of sizes is (known to be) smaller than another; symbolic: compare hints."""
+    a, b = _exact(a), _exact(b)
     difference = sympy.expand(b - a)
     if difference.is_number:
         return bool(difference > 0)

@@ -32,8 +32,8 @@ class Scope:
     in_r: bool  # whether the reduction variables are live here
     lines: list[str] = field(default_factory=list)
     memo: dict = field(default_factory=dict)
-    init: str = ""  # looped reductions: the accumulator before the loop
-    finish: str = ""  # ... and its reduction after it
+    init: list[str] = field(default_factory=list)  # looped reductions: accumulators before the loop
+    finish: list[str] = field(default_factory=list)  # ... and their reductions after it
 
 
 @dataclass
@@ -88,6 +88,7 @@ class KernelBuilder:
         self.static_rnumel = static_r
         self.reductions: dict[torch.fx.Node, Value] = {}
         self.reduction_scopes: list[Scope] = []
+        self.accumulators = 0
         self.body = Scope("body", in_r=self.is_reduction)
         self.scope = self.body
 
@@ -250,20 +251,32 @@ class KernelBuilder:
         if kind in ("max", "min") and not value.dtype.is_floating_point:
             acc_dtype = value.dtype
         neutral = {"sum": "0", "max": _lowest(acc_dtype), "min": _highest(acc_dtype)}[kind]
-        masked = f"tl.where(xmask & rmask, {self.to_compute(value, acc_dtype).name}, {neutral})"
-        tl_reduce = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[kind]
-        if self.persistent:
-            result = self.emit(f"{tl_reduce}({masked}, 1)[:, None]", acc_dtype)
-        else:
-            acc = f"acc{len(self.reduction_scopes)}"
-            loop = self.scope
-            loop.lines.append(
-                f"{acc} = {_combine(kind, acc, masked)}"
-            )
-            loop.init = f"{acc} = tl.full([XBLOCK, RBLOCK], {neutral}, {triton_dtype(acc_dtype)})"
-            loop.finish = f"red{len(self.reduction_scopes)} = {tl_reduce}({acc}, 1)[:, None]"
-            result = Value(f"red{len(self.reduction_scopes)}", acc_dtype)
-            self.reduction_scopes.append(loop)
+        v = self.to_compute(value, acc_dtype).name
+        parts = [(kind, f"tl.where(xmask & rmask, {v}, {neutral})", acc_dtype, neutral)]
+        if kind in ("max", "min") and acc_dtype.is_floating_point:
+            # tl.max/tl.min skip NaNs; eager's amax/amin return NaN for a row holding one
+            parts.append(("max", f"tl.where(xmask & rmask & ({v} != {v}), 1, 0)", torch.int32, "0"))
+        results = []
+        for part_kind, masked, dtype, start_value in parts:
+            tl_reduce = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[part_kind]
+            if self.persistent:
+                results.append(self.emit(f"{tl_reduce}({masked}, 1)[:, None]", dtype))
+                continue
+            n = self.accumulators
+            self.accumulators += 1
+            self.scope.lines.append(f"acc{n} = {_combine(part_kind, f'acc{n}', masked)}")
+            self.scope.init.append(f"acc{n} = tl.full([XBLOCK, RBLOCK], {start_value}, {triton_dtype(dtype)})")
+            self.scope.finish.append(f"red{n} = {tl_reduce}(acc{n}, 1)[:, None]")
+            results.append(Value(f"red{n}", dtype))
+        result = results[0]
+        if len(results) == 2:
+            nan_row = f'tl.where({results[1].name} > 0, float("nan"), {result.name})'
+            if self.persistent:
+                result = self.emit(nan_row, acc_dtype)
+            else:  # fold it into the loop's result, which every later scope may read
+                self.scope.finish.append(f"{result.name} = {nan_row}")
+        if not self.persistent:
+            self.reduction_scopes.append(self.scope)
             self.scope = outer_scope
         self.reductions[key] = result
         return result
