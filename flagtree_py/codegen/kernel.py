@@ -370,11 +370,10 @@ class KernelBuilder:
         mentioned = set().union(*(e.free_symbols for e in exprs + x_sizes + r_sizes), set())
         variables = set(rename) | set(rename.values()) | self.indirect
         symbols = sorted({s.name for s in (self.symbols | mentioned) - variables if not s.name.startswith("tmp")})
-        arguments = list(self.inputs.values()) + list(self.outputs.values()) + symbols + ["xnumel"]
-        launch = list(self.inputs) + list(self.outputs) + symbols + [pexpr(self.xnumel)]
-        if self.is_reduction:
-            arguments.append("rnumel")
-            launch.append(pexpr(self.rnumel))
+        # sizes travel as the shape symbols alone; numels are computed in the kernel, so Triton
+        # sees that 128*s0 is a multiple of 16 without specializing on any value
+        arguments = list(self.inputs.values()) + list(self.outputs.values()) + symbols
+        launch = list(self.inputs) + list(self.outputs) + symbols
         scopes = self.reduction_scopes if not self.persistent else [self.body]
         return KernelSpec(
             name=name,

@@ -36,7 +36,7 @@ def launch_signature(args: tuple, meta: dict) -> dict:
 def compile_for_nvidia(fn, signature: dict, capability: int = 90):
     """Compile the raw kernel function `fn` for sm_<capability>; returns Triton's CompiledKernel.
 
-    Integer arguments equal to 1 become constants, as Triton's JIT specializes them.
+    Integer arguments are shape symbols, which generated kernels mark `do_not_specialize`.
     """
     import inspect
 
@@ -50,10 +50,7 @@ def compile_for_nvidia(fn, signature: dict, capability: int = 90):
     for name, (kind, value) in zip(names, signature["arguments"]):
         if kind == "pointer":
             types[name] = value
-        elif kind == "int" and value == 1:
-            types[name] = "constexpr"
-            constants[name] = 1
-        elif kind == "int":
+        elif kind == "int":  # size symbols: generated kernels never specialize on them
             types[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
         else:
             types[name] = "fp32"
