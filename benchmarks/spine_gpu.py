@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--out", default="spine_gpu.json")
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args()
+    torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     import triton

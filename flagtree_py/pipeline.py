@@ -68,7 +68,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     gm.recompile()
     partition = partition_fusion_groups(graph, device_type)
     ctx.counters["partition_fusion_groups"] += len(partition.groups)
-    writer = ModuleWriter(gm, partition, target, graph_name)
+    writer = ModuleWriter(gm, partition, target, graph_name, device_type)
     generated = writer.generate()
 
     def on_failure(kernel: str, error: str) -> None:

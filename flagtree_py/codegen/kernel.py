@@ -56,13 +56,16 @@ class KernelSpec:
     launch_args: list[str]  # wrapper-side expressions, one per kernel argument
     static_rnumel: int | None
     symbols: list[str]
+    unspecialized: list[str]  # integer arguments Triton must not specialize on (sizes, scalars)
 
 
 class KernelBuilder:
     """Builds the `KernelSpec` for one fusion group."""
 
-    def __init__(self, group, buffers, lowerings, views, persistent_limit: int) -> None:
+    def __init__(self, group, buffers, lowerings, views, persistent_limit: int, device_type: str = "cpu") -> None:
         self.group = group
+        self.device_type = device_type
+        self.scalars: dict[str, tuple[str, torch.dtype]] = {}  # host scalar buffer -> (argument, dtype)
         self.views = views  # view nodes: folded into index expressions, never loaded
         self.buffers = buffers  # node -> wrapper buffer name, for everything materialized
         self.lowerings = lowerings
@@ -157,6 +160,12 @@ class KernelBuilder:
         if buffer is None:
             raise LoweringError(f"{node.name} is neither computed in the group nor materialized")
         val = node.meta["val"]
+        if self.device_type != "cpu" and val.device.type == "cpu":
+            if val.dim() != 0:
+                raise LoweringError(f"{node.name} lives on the CPU")
+            # a 0-dim CPU tensor reaches a GPU kernel as a number (Triton: fp32 / i32 / i64)
+            name, _ = self.scalars.setdefault(buffer, (f"in_scalar{len(self.scalars)}", val.dtype))
+            return self.to_compute(Value(name, torch.float32 if val.dtype.is_floating_point else val.dtype), val.dtype)
         strides = indexing.shape_of(val.stride())
         offset = indexing.flat_offset(index, strides)
         self.symbols |= offset.free_symbols - set(self.full_vars) - self.indirect
@@ -372,8 +381,12 @@ class KernelBuilder:
         symbols = sorted({s.name for s in (self.symbols | mentioned) - variables if not s.name.startswith("tmp")})
         # sizes travel as the shape symbols alone; numels are computed in the kernel, so Triton
         # sees that 128*s0 is a multiple of 16 without specializing on any value
-        arguments = list(self.inputs.values()) + list(self.outputs.values()) + symbols
-        launch = list(self.inputs) + list(self.outputs) + symbols
+        scalars = [name for name, _ in self.scalars.values()]
+        arguments = list(self.inputs.values()) + list(self.outputs.values()) + scalars + symbols
+        convert = {True: "float", False: "int"}
+        launch = (list(self.inputs) + list(self.outputs)
+                  + [f"{convert[dtype.is_floating_point]}({buffer})" for buffer, (_, dtype) in self.scalars.items()]
+                  + symbols)
         scopes = self.reduction_scopes if not self.persistent else [self.body]
         return KernelSpec(
             name=name,
@@ -392,6 +405,7 @@ class KernelBuilder:
             launch_args=launch,
             static_rnumel=self.static_rnumel,
             symbols=symbols,
+            unspecialized=[name for name, dtype in self.scalars.values() if not dtype.is_floating_point] + symbols,
         )
 
 

@@ -709,6 +709,11 @@ def _var(k, node, index, mask):
 # -- what may be lowered -----------------------------------------------------------------------
 
 
+def is_host_scalar(val) -> bool:
+    """A 0-dim CPU tensor (a lifted Python number): a GPU kernel takes its value as an argument."""
+    return isinstance(val, torch.Tensor) and val.dim() == 0 and val.device.type == "cpu"
+
+
 def classify(node: torch.fx.Node) -> str:
     """'pointwise' | 'view' | 'reduction' | 'extern' | 'symbolic' for a call_function node."""
     val = node.meta.get("val")
@@ -718,7 +723,7 @@ def classify(node: torch.fx.Node) -> str:
         return "extern"
     for arg in node.all_input_nodes:
         a = arg.meta.get("val")
-        if isinstance(a, torch.Tensor) and (a.dtype not in SUPPORTED_DTYPES or a.device != val.device):
+        if isinstance(a, torch.Tensor) and (a.dtype not in SUPPORTED_DTYPES or (a.device != val.device and not is_host_scalar(a))):
             return "extern"
     if node.target in VIEWS:
         return "view"

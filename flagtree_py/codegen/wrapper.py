@@ -22,7 +22,7 @@ import torch.fx
 from flagtree_py.codegen import indexing
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
-from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
+from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS, is_host_scalar
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 _TEMPLATES = jinja2.Environment(
@@ -55,13 +55,14 @@ class GeneratedModule:
 
 
 class ModuleWriter:
-    def __init__(self, gm: torch.fx.GraphModule, partition, target, graph_name: str) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, partition, target, graph_name: str, device_type: str) -> None:
         self.gm = gm
         self.graph = gm.graph
         self.partition = partition
         self.kinds = partition.kinds
         self.target = target
         self.graph_name = graph_name
+        self.device_type = device_type  # where kernels run: "cuda", or "cpu" (the interpreter)
         self.out = GeneratedModule(source="")
         self.bound: dict[sympy.Symbol, str] = {}
         self.devices: dict[str, str] = {}
@@ -253,9 +254,13 @@ class ModuleWriter:
         stored = [n for n, _ in group.stores()]
         header = f"# {group.name}: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}"
         try:
-            builder = KernelBuilder(group, buffers, _LOWERINGS, views, self.target.persistent_reduction_limit)
-            for node in externals:
-                builder.inputs.setdefault(buffers[node], f"in_ptr{len(builder.inputs)}")
+            builder = KernelBuilder(group, buffers, _LOWERINGS, views, self.target.persistent_reduction_limit,
+                                    self.device_type)
+            for node in externals:  # what the aten fallback reads: the kernel takes it too
+                if self.device_type != "cpu" and is_host_scalar(node.meta.get("val")):
+                    builder.scalars.setdefault(buffers[node], (f"in_scalar{len(builder.scalars)}", node.meta["val"].dtype))
+                else:
+                    builder.inputs.setdefault(buffers[node], f"in_ptr{len(builder.inputs)}")
             builder.symbols |= self._subgraph_symbols(subgraph)
             index_dtype = "int64" if self._needs_int64(group) else "int32"
             spec = builder.build(group.name, [], index_dtype)
@@ -330,9 +335,10 @@ class ModuleWriter:
         params = list(spec.arguments)
         lines = [f"def {spec.name}_fallback({', '.join(params)}):",
                  f'    """{spec.name} with aten ops: used if the kernel fails to build or run."""']
-        for buffer, pointer in list(builder.inputs.items()) + list(builder.outputs.items()):
-            if pointer.startswith("in_ptr"):
-                lines.append(f"    {buffer} = {pointer}")
+        for buffer, pointer in builder.inputs.items():
+            lines.append(f"    {buffer} = {pointer}")
+        for buffer, (name, dtype) in builder.scalars.items():
+            lines.append(f"    {buffer} = torch.scalar_tensor({name}, dtype={dtype})")
         for node in subgraph:
             lines.append("    " + self.call_line(node))
         for node in stored:
