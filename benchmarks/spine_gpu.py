@@ -5,6 +5,9 @@ eager reference (same weights, TF32 off). The bf16 tolerance is *relative to eag
 error*: flagtree passes when its error is at most 2x eager-bf16's plus 1e-2 of the reference's
 largest magnitude (fp32 accumulation in our kernels can be more, not less, accurate than eager;
 the slack covers reordered reductions). Top-1 agreement of the logits is reported too.
+MoE models: a token whose router probabilities nearly tie at the top-k boundary can take a
+different expert after an allowed rounding difference; positions beyond the bound pass only if
+every one of them is such a near-tie (relative gap < NEAR_TIE), and they are listed in the JSON.
 
 The real-shape layer is also timed (median of CUDA-event timings, `triton.testing.do_bench`) for
 eager, TorchInductor (default mode) and flagtree in the same run. These are spine figures:
@@ -46,6 +49,41 @@ def compare(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
+NEAR_TIE = 0.02  # relative gap between the k-th and (k+1)-th router probability
+
+
+def router_margins(model, ids) -> torch.Tensor | None:
+    """Per position, the smallest relative gap at the top-k boundary over all MoE routers.
+
+    A bf16 rounding difference upstream (allowed) can swap two experts whose router
+    probabilities nearly tie; the token then takes a different expert and its logits move a
+    lot. Such a position is explained only when its gap is below NEAR_TIE.
+    """
+    margins = []
+
+    def hook(module, args, output, top_k):
+        hidden = args[0].reshape(-1, args[0].shape[-1]).float()
+        weight = module.weight.float()
+        probs = torch.softmax(hidden @ weight.t(), -1)
+        top = probs.topk(top_k + 1, -1).values
+        margins.append((top[:, top_k - 1] - top[:, top_k]) / top[:, top_k - 1])
+
+    handles = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp.gate") and hasattr(module, "top_k"):
+            handles.append(module.register_forward_hook(lambda m, a, o: hook(m, a, o, m.top_k)))
+        elif name.endswith("moe.gate"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            handles.append(module.register_forward_hook(lambda m, a, o, k=parent.top_k: hook(m, a, o, k)))
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    if not margins:
+        return None
+    return torch.stack(margins).amin(0)
+
+
 def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool) -> dict:
     torch._dynamo.reset()
     flagtree_py.clear_report()
@@ -62,9 +100,21 @@ def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool)
             start = time.perf_counter()
             out = compiled(ids)
             torch.cuda.synchronize()
-            checks.append({"length": length, "first_call_s": round(time.perf_counter() - start, 3), **compare(out, eager, ref)})
-            if not checks[-1]["passed"]:
-                checks[-1]["diagnosis"] = diagnose(compiled, model16, ids, ref)
+            check = {"length": length, "first_call_s": round(time.perf_counter() - start, 3), **compare(out, eager, ref)}
+            margins = router_margins(model32, ids)
+            if not check["passed"] and margins is not None:
+                # positions beyond the bound must all be router near-ties (see router_margins)
+                scale = ref.abs().max()
+                bound = 2 * check["eager_bf16_rel_err_vs_fp32"] + 1e-2
+                off = (((out.float() - ref).abs().amax(-1) / scale)[0] > bound).nonzero().flatten().tolist()
+                explained = [p for p in off if margins[p].item() < NEAR_TIE]
+                check["positions_beyond_bound"] = off
+                check["their_router_margins"] = [round(margins[p].item(), 5) for p in off]
+                check["passed_as_router_near_ties"] = len(explained) == len(off)
+                check["passed"] = check["passed_as_router_near_ties"]
+            if not check["passed"]:
+                check["diagnosis"] = diagnose(compiled, model16, ids, ref)
+            checks.append(check)
     del model32
     result["checks"] = checks
     result["passed"] = all(c["passed"] for c in checks)
