@@ -494,11 +494,7 @@ def _slice_scatter(k, node, index, mask):
 @_register(POINTWISE, aten.select_scatter.default)
 def _select_scatter(k, node, index, mask):
     """`self` with `src` written into `self.select(dim, position)`."""
-    in_shape = _in_shape(node)
-    dim = node.args[2] % len(in_shape)
-    position = indexing.as_expr(node.args[3])
-    if position.is_number and position < 0:
-        position = position + in_shape[dim]
+    dim, position = _selected(node, 2)
     condition = f"{k.index_token(index[dim])} == {k.index_token(position)}"
     return _scatter_where(k, node, index, mask, condition, index[:dim] + index[dim + 1 :])
 
@@ -609,13 +605,19 @@ def _slice_start(start, end, step, size, length) -> sympy.Expr:
     return indexing.as_expr(start)
 
 
-@_register(VIEWS, aten.select.int)
-def _select(k, node, index, mask):
+def _selected(node: torch.fx.Node, dim_arg: int) -> tuple[int, sympy.Expr]:
+    """(dim, position) of a select or select_scatter, a negative position counted from the end."""
     in_shape = _in_shape(node)
-    dim = node.args[1] % len(in_shape)
-    position = indexing.as_expr(node.args[2])
+    dim = node.args[dim_arg] % len(in_shape)
+    position = indexing.as_expr(node.args[dim_arg + 1])
     if position.is_number and position < 0:
         position = position + in_shape[dim]
+    return dim, position
+
+
+@_register(VIEWS, aten.select.int)
+def _select(k, node, index, mask):
+    dim, position = _selected(node, 1)
     return k.value(node.args[0], index[:dim] + (position,) + index[dim:], mask)
 
 
