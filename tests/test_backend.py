@@ -97,3 +97,13 @@ def test_tiny_model_matches_eager_and_serves_every_length(preset):
     allowed = ("mm", "bmm", "scaled_dot_product", "getitem", "cumsum", "topk", "split_with_sizes", "scatter", "slice_scatter")
     assert all(any(a in op for a in allowed) for op in dynamic["extern_ops"]), dynamic["extern_ops"]
     assert dynamic["lowered_fraction"] >= 0.9
+
+
+def test_tiny_qwen3_kernels_per_layer():
+    """2 layers: 6 kernels of masks and rotary tables, then 6 per layer (q norm+rope, k norm+rope
+    +GQA repeat, v repeat, residual add+norm, SwiGLU, residual add+next norm)."""
+    model = build_tiny_model("qwen3")
+    with torch.no_grad():
+        torch.compile(model, backend="flagtree", dynamic=False)(torch.randint(0, 256, (1, 7)))
+    (record,) = flagtree_py.report()
+    assert record["triton_kernels"] == 6 + 6 * 2

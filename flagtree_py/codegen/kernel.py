@@ -241,9 +241,6 @@ class KernelBuilder:
 
     # -- reductions ----------------------------------------------------------------------------
 
-    def full_index(self) -> Index:
-        return tuple(self.full_vars)
-
     def reduce(self, key, kind: str, input_fn) -> Value:
         """Reduce `input_fn()` (evaluated at the full index) over the group's reduction dims.
 
@@ -290,18 +287,33 @@ class KernelBuilder:
         self.reductions[key] = result
         return result
 
-    def check_outer_index(self, node: torch.fx.Node, index: Index, keepdim: bool) -> None:
-        """A reduction's value is only available at the group's own row index."""
-        expected = []
-        for d in range(len(self.group.full_shape)):
-            if d in self.r_dims:
+    def row_source_index(self, node: torch.fx.Node, index: Index, reduced: tuple[int, ...]) -> Index:
+        """The index of a reduction's input for the row that `index` (its output index) names.
+
+        The reduced dimensions take the group's reduction variables; the others come from
+        `index`, which must hold row (x) variables only. The reduction's input may be laid out
+        differently from the group (the q/k norm reduces [b, s, h, d] inside a kernel that
+        iterates the rotary output [b, h, s, d]): any order works as long as rows correspond.
+        """
+        source_shape = indexing.shape_of(node.args[0].meta["val"].shape)
+        group_r = [self.group.full_shape[d] for d in self.r_dims]
+        if [source_shape[d] for d in reduced] != group_r:
+            raise LoweringError(f"{node.name} reduces {[source_shape[d] for d in reduced]}, the group {group_r}")
+        r_vars = {self.full_vars[d] for d in self.r_dims}
+        if any(sympy.sympify(i).free_symbols & (r_vars | self.indirect) for i in index):
+            raise LoweringError(f"{node.name} is read at {index}, which is not one row of the group")
+        keepdim = len(index) == len(source_shape)
+        rows = iter(index)
+        r_iter = iter(self.full_vars[d] for d in self.r_dims)
+        source_index = []
+        for d in range(len(source_shape)):
+            if d in reduced:
+                source_index.append(next(r_iter))
                 if keepdim:
-                    expected.append(sympy.Integer(0))
+                    next(rows)
             else:
-                expected.append(self.full_vars[d])
-        sizes = [s for d, s in enumerate(self.group.full_shape) if keepdim or d not in self.r_dims]
-        if len(index) != len(expected) or any(i != e and size != 1 for i, e, size in zip(index, expected, sizes)):
-            raise LoweringError(f"{node.name} is read at {index}, not at its row index {tuple(expected)}")
+                source_index.append(next(rows))
+        return tuple(source_index)
 
     # -- stores --------------------------------------------------------------------------------
 
@@ -310,7 +322,7 @@ class KernelBuilder:
         val = node.meta["val"]
         out_shape = indexing.shape_of(val.shape)
         if role == "full":
-            index = self.full_index()
+            index = tuple(self.full_vars)
         else:
             keepdim = len(out_shape) == len(self.group.full_shape)
             index = tuple(

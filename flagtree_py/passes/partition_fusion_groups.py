@@ -195,16 +195,50 @@ def _new_group(node, kind, group_id: int) -> FusionGroup:
 
 
 def _reduction_fits(node, group: FusionGroup) -> bool:
+    return _reduction_placement(node, group) is not None
+
+
+def _reduction_placement(node, group: FusionGroup) -> tuple[tuple, tuple[int, ...]] | None:
+    """The (full_shape, rdims) of `group` once `node` (a reduction) joins it, or None.
+
+    The kernel builder checks the last word: that every read of the reduction is one row of
+    the group (else the group is lowered to aten, and the report says why).
+    """
     source = shape(node.args[0])
     dims = reduction_dims(node)
     if group.rdims:
-        return tuple(source) == tuple(group.full_shape) and dims == tuple(group.rdims)
+        if tuple(source) == tuple(group.full_shape) and dims == tuple(group.rdims):
+            return group.full_shape, group.rdims
+        if _same_rows_permuted(source, dims, group.full_shape, group.rdims):
+            return group.full_shape, group.rdims
+        return None
     # a pointwise group becomes a reduction group: either it iterates over the reduction's
     # input (the norm's x * rsqrt(mean) epilogue), or over its output (rsqrt(mean + eps))
     if tuple(source) == tuple(group.full_shape):
-        return True
+        return source, dims
+    last = (len(group.full_shape) - 1,)
+    if _same_rows_permuted(source, dims, group.full_shape, last):
+        # it iterates over a permutation of the input that keeps the reduced (last) dim last:
+        # the q/k norm followed by transpose and rotary embedding
+        return group.full_shape, last
     candidate = FusionGroup(-1, source, dims)
-    return all(candidate.role_of_shape(shape(n)) == "outer" for n in group.stored) and bool(group.stored)
+    if group.stored and all(candidate.role_of_shape(shape(n)) == "outer" for n in group.stored):
+        return source, dims
+    return None
+
+
+def _same_rows_permuted(source, dims, full_shape, rdims) -> bool:
+    """Both reduce only their last dimension, of the same size, and the group's other dims hold
+    the input's (permuted, plus dims the rows are broadcast along: the GQA repeat of k)."""
+    last = len(source) - 1
+    if dims != (last,) or tuple(rdims) != (len(full_shape) - 1,) or source[last] != full_shape[-1]:
+        return False
+    remaining = [str(size) for size in full_shape[:-1]]
+    for size in source[:-1]:
+        if str(size) not in remaining:
+            return False
+        remaining.remove(str(size))
+    return True
 
 
 def _fits_internal(node, kind, group: FusionGroup) -> bool:
@@ -224,8 +258,7 @@ def _fits_stored(node, kind, group: FusionGroup) -> str | None:
 
 def _add(node, kind, group: FusionGroup, group_of: dict, stored_role: str | None) -> None:
     if kind == "reduction" and not group.rdims:
-        group.full_shape = shape(node.args[0])
-        group.rdims = reduction_dims(node)
+        group.full_shape, group.rdims = _reduction_placement(node, group)
         for member in list(group.stored):
             group.stored[member] = group.role_of_shape(shape(member)) or group.stored[member]
     if kind == "reduction":

@@ -69,3 +69,31 @@ def test_a_merge_that_would_close_a_cycle_is_refused():
     exp = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.exp.default)
     total = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.sum.dim_IntList)
     assert partition.group_of[exp] is not partition.group_of[total]
+
+
+def test_norm_read_through_a_transpose_and_a_broadcast_stays_in_the_consumer_group():
+    """Qwen3's per-head k norm, transposed, rotated and repeated for GQA: one kernel."""
+
+    def f(k, w, cos, sin):
+        kf = k.float()
+        normed = w * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + 1e-6))
+        t = normed.transpose(1, 2)  # [b, heads, s, d]
+        half = t.shape[-1] // 2
+        rotated = torch.cat((-t[..., half:], t[..., :half]), -1)
+        roped = t * cos + rotated * sin
+        return roped[:, :, None].expand(-1, -1, 2, -1, -1).reshape(1, 4, 7, 32).contiguous()
+
+    inputs = (torch.randn(1, 7, 2, 32), torch.randn(32), torch.randn(7, 32), torch.randn(7, 32))
+    gm = _aten_graph(f, *inputs)
+    partition = partition_fusion_groups(gm.graph, "cpu")
+    assert len(partition.groups) == 1
+    assert partition.groups[0].rdims == (len(partition.groups[0].full_shape) - 1,)
+    torch._dynamo.reset()
+    import flagtree_py
+
+    flagtree_py.clear_report()
+    with torch.no_grad():
+        got = torch.compile(f, backend="flagtree")(*inputs)
+    assert torch.allclose(got, f(*inputs), atol=1e-5)
+    (record,) = flagtree_py.report()
+    assert record["triton_kernels"] == 1 and record["codegen_fallbacks"] == []

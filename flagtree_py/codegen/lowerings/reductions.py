@@ -23,23 +23,19 @@ def reduction_dims(node: torch.fx.Node) -> tuple[int, ...]:
     return tuple(sorted({d % max(1, ndim) for d in dims}))
 
 
-def _keepdim(node: torch.fx.Node) -> bool:
-    return node.meta["val"].dim() == node.args[0].meta["val"].dim() and node.meta["val"].dim() > 0
-
-
 def _reduction(kind: str, finish=None):
     def lower(k, node, index, mask):
-        k.check_outer_index(node, index, _keepdim(node))
         out = out_dtype(node)
         source = node.args[0]
+        source_index = k.row_source_index(node, index, reduction_dims(node))
 
         def body():
-            value = k.value(source, k.full_index())
+            value = k.value(source, source_index)
             if node.target in (aten.any.dim, aten.any.dims, aten.any.default):
                 return k.emit(f"({value.name} != 0).to(tl.int32)", torch.int32)
             return k.to_compute(value, out) if out.is_floating_point else value
 
-        result = k.reduce((node, kind), kind, body)
+        result = k.reduce((node, kind, source_index), kind, body)
         if finish is not None:
             result = finish(k, node, result)
         return k.to_compute(result, out)
@@ -72,21 +68,21 @@ TABLE[aten.any.default] = _reduction("max", _any_finish)
 @register(TABLE, aten.var.correction)
 def _var(k, node, index, mask):
     """Two passes (mean, then squared deviations): exact where one-pass sum-of-squares is not."""
-    k.check_outer_index(node, index, _keepdim(node))
     out = out_dtype(node)
+    source_index = k.row_source_index(node, index, reduction_dims(node))
     correction = node.kwargs.get("correction", 1)
     correction = 1 if correction is None else correction
     source = node.args[0]
-    total = k.reduce((node, "mean"), "sum", lambda: k.to_compute(k.value(source, k.full_index()), out))
+    total = k.reduce((node, "mean", source_index), "sum", lambda: k.to_compute(k.value(source, source_index), out))
 
     def squared():
-        x = k.to_compute(k.value(source, k.full_index()), out)
+        x = k.to_compute(k.value(source, source_index), out)
         # emitted in the scope that reads it: a looped kernel computes it inside its own loop
         mean = k.emit(f"{total.name} / ({k.index_token(k.rnumel)})", total.dtype)
         d = k.emit(f"{x.name} - {mean.name}", x.dtype)
         return k.emit(f"{d.name} * {d.name}", x.dtype)
 
-    spread = k.reduce((node, "var"), "sum", squared)
+    spread = k.reduce((node, "var", source_index), "sum", squared)
     if float(correction).is_integer():
         divisor = k.index_token(k.rnumel - int(correction))  # std passes correction=1.0
     else:
