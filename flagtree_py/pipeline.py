@@ -3,6 +3,8 @@
     capture   (backend.py)  Dynamo's FX graph -> AOTAutograd inference graph in core aten ops,
                             dynamic sizes kept as sympy symbols
     canonicalize            dead code, common subexpressions, splits into slices, views that do nothing
+    fuse                    LLM patterns (RMSNorm, add+RMSNorm, q/k norm+RoPE, SwiGLU) stamped,
+                            counted, and each kept in one kernel by the partitioner
     partition               fusion groups on a networkx DAG (vertical fusion, no cycles)
     lower                   each group -> a Triton kernel from a Jinja2 template (codegen/),
                             shaped by the target's tile tables; the rest stays extern aten
@@ -29,6 +31,10 @@ from flagtree_py.passes import PassContext
 from flagtree_py.passes.decompose_split import decompose_split
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
+from flagtree_py.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from flagtree_py.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
+from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
+from flagtree_py.passes.fuse_silu_mul import fuse_silu_mul
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
@@ -43,6 +49,10 @@ CANONICALIZE = [
     remove_noop_views,
     eliminate_dead_code,
 ]
+
+#: LLM patterns, most specific first: each stamps its instances, which the partitioner keeps
+#: in one kernel apiece (see passes/patterns.py)
+FUSE = [fuse_qk_norm_rope, fuse_add_rms_norm, fuse_rms_norm, fuse_silu_mul]
 
 _MODULE_DIR = Path(tempfile.gettempdir()) / "flagtree_modules"
 
@@ -63,7 +73,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         "kernel_failures": [],
     }
     graph = gm.graph
-    for fn in CANONICALIZE:
+    for fn in CANONICALIZE + FUSE:
         fn(graph, ctx)
     gm.recompile()
     partition = partition_fusion_groups(graph, device_type)
@@ -83,6 +93,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         _dump(Path(options.dump_dir), graph_name, gm, partition)
 
     record.update(_statistics(graph, partition, generated))
+    record["fusions_split"] = _fusions_split(graph, partition)
     record["module_path"] = str(path)
     record["compile_s"] = round(time.perf_counter() - start, 4)
     record["passes"] = dict(ctx.counters)
@@ -129,6 +140,15 @@ def _statistics(graph: torch.fx.Graph, partition, generated) -> dict:
         "dynamic_symbols": symbols,
         "kernels": [dataclasses.asdict(k) | {"source": None} for k in generated.kernels],
     }
+
+
+def _fusions_split(graph: torch.fx.Graph, partition) -> list[str]:
+    """Stamped pattern instances whose computing nodes did not all land in one kernel."""
+    instances: dict = {}
+    for node in graph.nodes:
+        if "fusion" in node.meta and partition.kinds.get(node) != "view":
+            instances.setdefault(node.meta["fusion"], set()).add(partition.group_of.get(node))
+    return sorted(f"{pattern}#{i}" for (pattern, i), groups in instances.items() if len(groups) != 1 or None in groups)
 
 
 def _symbols(node) -> set:
