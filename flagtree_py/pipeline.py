@@ -3,7 +3,7 @@
     capture   (backend.py)  Dynamo's FX graph -> AOTAutograd inference graph in core aten ops,
                             dynamic sizes kept as sympy symbols
     canonicalize            dead code, common subexpressions, splits into slices, views that do nothing
-    fuse                    LLM patterns (RMSNorm, add+RMSNorm, q/k norm+RoPE, SwiGLU) stamped,
+    fuse                    LLM patterns (RMSNorm, add+RMSNorm, q/k norm+RoPE, RoPE, SwiGLU) stamped,
                             counted, and each kept in one kernel by the partitioner
     partition               fusion groups on a networkx DAG (vertical fusion, no cycles)
     lower                   each group -> a Triton kernel from a Jinja2 template (codegen/),
@@ -34,6 +34,7 @@ from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
 from flagtree_py.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from flagtree_py.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
 from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
+from flagtree_py.passes.fuse_rope import fuse_rope
 from flagtree_py.passes.fuse_silu_mul import fuse_silu_mul
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
 from flagtree_py.passes.remove_noop_views import remove_noop_views
@@ -52,7 +53,7 @@ CANONICALIZE = [
 
 #: LLM patterns, most specific first: each stamps its instances, which the partitioner keeps
 #: in one kernel apiece (see passes/patterns.py)
-FUSE = [fuse_qk_norm_rope, fuse_add_rms_norm, fuse_rms_norm, fuse_silu_mul]
+FUSE = [fuse_qk_norm_rope, fuse_add_rms_norm, fuse_rms_norm, fuse_rope, fuse_silu_mul]
 
 _MODULE_DIR = Path(tempfile.gettempdir()) / "flagtree_modules"
 

@@ -10,27 +10,26 @@ from __future__ import annotations
 import torch.fx
 
 from flagtree_py.passes import PassContext
-from flagtree_py.passes.patterns import aten, is_op, match_rms_norm, stamp, through_views
+from flagtree_py.passes.patterns import VIEW_OPS, aten, is_op, match_rms_norm, match_rotary, stamp, through_views
 
 
 def _rotary_nodes(normed: torch.fx.Node) -> list[torch.fx.Node] | None:
-    """x*cos + rotate_half(x)*sin downstream of `normed`, or None."""
-    users = through_views(normed)
-    muls = [u for u in users if is_op(u, aten.mul.Tensor)]
-    slices = [u for u in users if is_op(u, aten.slice.Tensor)]
-    if not muls or len(slices) != 2:
-        return None
-    negated = [n for s in slices for n in s.users if is_op(n, aten.neg.default)]
-    cats = {n for s in slices for n in s.users if is_op(n, aten.cat.default)}
-    cats |= {n for m in negated for n in m.users if is_op(n, aten.cat.default)}
-    if len(negated) != 1 or len(cats) != 1:
-        return None
-    (cat,) = cats
-    rotated = [u for u in cat.users if is_op(u, aten.mul.Tensor)]
-    sums = {u for m in muls + rotated for u in m.users if is_op(u, aten.add.Tensor)}
-    if len(rotated) != 1 or len(sums) != 1:
-        return None
-    return [*muls, *slices, *negated, cat, *rotated, *sums]
+    """The rotary embedding of `normed` (read through views), or None."""
+    for user in through_views(normed):
+        if is_op(user, aten.slice.Tensor):
+            for cat in {n for s in user.users for n in s.users} | set(user.users):
+                match = match_rotary(cat)
+                if match is not None and normed in _sources(match["x"]):
+                    return match["nodes"]
+    return None
+
+
+def _sources(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """`node` and what it is a view of."""
+    chain = [node]
+    while is_op(chain[-1], *VIEW_OPS):
+        chain.append(chain[-1].args[0])
+    return chain
 
 
 def fuse_qk_norm_rope(graph: torch.fx.Graph, ctx: PassContext) -> bool:

@@ -118,3 +118,32 @@ def through_views(node: torch.fx.Node) -> list[torch.fx.Node]:
         else:
             found.append(user)
     return found
+
+
+def match_rotary(cat: torch.fx.Node) -> dict | None:
+    """x * cos + rotate_half(x) * sin, anchored at rotate_half's cat([-x2, x1], -1).
+
+    Returns {"x", "nodes"} (x: the rotated tensor, the slices' source) or None.
+    """
+    if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2:
+        return None
+    first, second = cat.args[0]
+    if not is_op(first, aten.neg.default):
+        return None
+    upper, lower = first.args[0], second
+    if not (is_op(upper, aten.slice.Tensor) and is_op(lower, aten.slice.Tensor)) or upper.args[0] is not lower.args[0]:
+        return None
+    x = upper.args[0]
+    half = x.meta["val"].shape[-1] // 2
+    if lower.args[2] != 0 or lower.args[3] != half or upper.args[2] != half:
+        return None
+    rotated = single_user(cat, aten.mul.Tensor)
+    if rotated is None:
+        return None
+    total = single_user(rotated, aten.add.Tensor)
+    if total is None:
+        return None
+    direct = other_operand(total, rotated)
+    if not is_op(direct, aten.mul.Tensor) or x not in direct.args:
+        return None
+    return {"x": x, "nodes": [upper, lower, first, cat, rotated, direct, total]}

@@ -39,6 +39,7 @@ def test_qwen3_family_patterns(preset, dtype):
     assert passes["fuse_add_rms_norm"] == 2 * L
     assert passes["fuse_silu_mul"] == L
     assert passes["fuse_qk_norm_rope"] == 2 * L  # q and k of each layer, one kernel each
+    assert passes["fuse_rope"] == 0  # every rotary follows a q/k norm
 
 
 @pytest.mark.slow
@@ -49,6 +50,7 @@ def test_step3_patterns():
     # the dense MLP of layer 0, the MoE experts and the shared expert of layer 1
     assert passes["fuse_silu_mul"] == 3
     assert passes["fuse_qk_norm_rope"] == 0  # Step3 has no per-head q/k norm
+    assert passes["fuse_rope"] == 2 * L  # rotary on q and on the shared k head
 
 
 def test_norm_with_a_tensor_eps_is_left_alone():
