@@ -17,6 +17,8 @@ class CompileOptions:
     dump_dir: str | None = None  # write the aten graph, partition, kernels and wrapper here
     fallback: bool = True  # a group whose kernel fails to build runs its aten ops instead (warned)
     poison_outputs: bool = False  # debug: fill kernel outputs with NaN/-1 first, so unwritten elements show
+    cache: bool = True  # reuse compiled graphs across processes (flagtree_py/cache)
+    cache_dir: str | None = None  # default: FLAGTREE_CACHE_DIR, else the platform's user cache dir
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -28,6 +30,10 @@ class CompileOptions:
             raise ValueError(f"unknown flagtree option(s) {unknown}; known: {sorted(known)}")
         if "target" not in options and os.environ.get("FLAGTREE_TARGET"):
             options["target"] = os.environ["FLAGTREE_TARGET"]
+        if "cache_dir" not in options and os.environ.get("FLAGTREE_CACHE_DIR"):
+            options["cache_dir"] = os.environ["FLAGTREE_CACHE_DIR"]
+        if "cache" not in options and os.environ.get("FLAGTREE_CACHE") == "0":
+            options["cache"] = False
         if "dump_dir" not in options and os.environ.get("FLAGTREE_DUMP_DIR"):
             options["dump_dir"] = os.environ["FLAGTREE_DUMP_DIR"]
         target = options.get("target", "auto")
@@ -40,6 +46,6 @@ class CompileOptions:
         return cls(**options)
 
     def hash(self) -> str:
-        """Only what changes generated code (the dump directory does not)."""
+        """Only what changes generated code (neither the dump nor the cache settings do)."""
         fields = {"target": self.target, "fallback": self.fallback, "poison_outputs": self.poison_outputs}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

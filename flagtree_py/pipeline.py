@@ -11,6 +11,8 @@
     build                   import the module; kernels JIT on the GPU or run in Triton's
                             interpreter on a CPU; a kernel that fails runs its aten fallback
     run                     the generated `call(args)` wrapper
+    cache                   the module is stored under a content key; a later compile of the
+                            same graph (any process) imports it: no passes, no code generation
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from flagtree_py.cache import KernelCache, cache_key, default_cache_dir
 from flagtree_py.codegen.lowerings import is_gemm_or_attention
 from flagtree_py.codegen.wrapper import ModuleWriter
 from flagtree_py.options import CompileOptions
@@ -73,6 +76,20 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         "passes": ctx.counters,
         "kernel_failures": [],
     }
+    def on_failure(kernel: str, error: str) -> None:
+        record["kernel_failures"].append({"kernel": kernel, "error": error})
+
+    cache = KernelCache(options.cache_dir or default_cache_dir()) if options.cache else None
+    key = cache_key(gm, target.hash(), options.hash()) if cache else None
+    record["cache_key"] = key
+    if cache is not None:
+        entry, problem = cache.load(key)
+        if entry is not None:
+            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure)
+        record["cache"] = f"rebuilt: {problem}" if problem else "miss"
+    else:
+        record["cache"] = "off"
+
     graph = gm.graph
     for fn in CANONICALIZE + FUSE:
         fn(graph, ctx)
@@ -82,26 +99,92 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     writer = ModuleWriter(gm, partition, target, graph_name, device_type)
     generated = writer.generate()
 
-    def on_failure(kernel: str, error: str) -> None:
-        record["kernel_failures"].append({"kernel": kernel, "error": error})
-
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(generated.source, directory, graph_name)
     bind_kernels(module, [k.name for k in generated.kernels], interpret=device_type != "cuda",
                  constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure,
                  poison=options.poison_outputs)
+    partition_text = _partition_text(partition)
     if options.dump_dir:
-        _dump(Path(options.dump_dir), graph_name, gm, partition)
+        _dump(Path(options.dump_dir), graph_name, str(graph), partition_text)
 
     record.update(_statistics(graph, partition, generated))
     record["fusions_split"] = _fusions_split(graph, partition)
     record["module_path"] = str(path)
     record["compile_s"] = round(time.perf_counter() - start, 4)
     record["passes"] = dict(ctx.counters)
+    record["kernels_generated"] = len(generated.kernels)
+    if cache is not None:
+        externs = _extern_names(generated.extern_targets)
+        if externs is not None:  # an extern no import path reaches cannot be cached
+            cache.store(key, generated.source, {
+                "graph": graph_name, "target": target.name, "target_hash": target.hash(),
+                "kernels": [k.name for k in generated.kernels], "externs": externs,
+                "constants": generated.constant_targets, "record": _cacheable(record),
+                "aten_graph": str(graph), "partition": partition_text,
+            })
     add_record(record)
     call = module.call
     call._boxed_call = True
     return call
+
+
+def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure):
+    """A cache hit: import the stored module; no code generation, no pass runs."""
+    meta = entry.meta
+    constants = {name: getattr(gm, attribute) for name, attribute in meta["constants"].items()}
+    directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
+    module, path = load_module(entry.module_source, directory, graph_name)
+    bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
+                 externs=_resolve_externs(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs)
+    if options.dump_dir:
+        _dump(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
+    record.update(meta["record"])
+    record.update({"cache": "hit", "kernels_generated": 0, "module_path": str(path), "kernel_failures": [],
+                   "compile_s": round(time.perf_counter() - start, 4)})
+    add_record(record)
+    call = module.call
+    call._boxed_call = True
+    return call
+
+
+_CACHED_FIELDS = ("triton_kernels", "lowered_nodes", "work_nodes", "work_nodes_in_kernels", "lowered_fraction",
+                  "views_folded", "views_in_wrapper", "extern_ops", "codegen_fallbacks", "dynamic_symbols",
+                  "kernels", "fusions_split", "passes")
+
+
+def _cacheable(record: dict) -> dict:
+    return {k: record[k] for k in _CACHED_FIELDS if k in record} | {"compile_s_cold": record["compile_s"]}
+
+
+def _extern_names(externs: dict) -> dict | None:
+    """Import paths of the non-aten callables a wrapper calls, or None if one has none."""
+    names = {}
+    for name, target in externs.items():
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            names[name] = f"torch.ops.higher_order.{target.name()}"
+            continue
+        module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
+        if not module or "<" in qualname:
+            return None
+        names[name] = f"{module}:{qualname}"
+    return names
+
+
+def _resolve_externs(names: dict) -> dict:
+    import importlib
+
+    resolved = {}
+    for name, path in names.items():
+        if path.startswith("torch.ops.higher_order."):
+            resolved[name] = getattr(torch.ops.higher_order, path.rsplit(".", 1)[1])
+            continue
+        module, qualname = path.split(":")
+        value = importlib.import_module(module)
+        for part in qualname.split("."):
+            value = getattr(value, part)
+        resolved[name] = value
+    return resolved
 
 
 def _device_type(example_inputs) -> str:
@@ -165,15 +248,19 @@ def _symbols(node) -> set:
     return set()
 
 
-def _dump(directory: Path, graph_name: str, gm, partition) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{graph_name}.aten.txt").write_text(str(gm.graph))
+def _partition_text(partition) -> str:
     lines = []
     for group in partition.groups:
         roles = ", ".join(f"{n.name}:{r}" for n, r in group.stores())
         lines.append(f"{group.name}: shape={tuple(map(str, group.full_shape))} rdims={group.rdims} stores=[{roles}]")
         lines.append("    " + " ".join(n.name for n in group.ordered_members()))
-    (directory / f"{graph_name}.partition.txt").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def _dump(directory: Path, graph_name: str, graph_text: str, partition_text: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{graph_name}.aten.txt").write_text(graph_text)
+    (directory / f"{graph_name}.partition.txt").write_text(partition_text)
 
 
 def safe_compile_graph(gm, example_inputs, options: CompileOptions, graph_name: str):

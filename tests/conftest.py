@@ -21,3 +21,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _seed_torch() -> None:
     """Random inputs drawn without an explicit generator are the same in every run and in any test order."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test compiles into a cache of its own: no hit from another test, nothing left in the
+    user's cache directory (tests of the cache itself compile twice on purpose)."""
+    monkeypatch.setenv("FLAGTREE_CACHE_DIR", str(tmp_path_factory.mktemp("flagtree-cache")))

@@ -52,6 +52,7 @@ class GeneratedModule:
     lowered_nodes: int = 0
     extern_targets: dict = field(default_factory=dict)  # name -> callable for non-aten externs
     constants: dict = field(default_factory=dict)  # name -> tensor (get_attr)
+    constant_targets: dict = field(default_factory=dict)  # name -> the GraphModule attribute it reads
 
 
 class ModuleWriter:
@@ -207,6 +208,7 @@ class ModuleWriter:
         kind = self.kinds[node]
         if kind == "constant":
             self.out.constants[node.name] = getattr(self.gm, node.target)
+            self.out.constant_targets[node.name] = node.target
             return [f"{node.name} = constants[{node.name!r}]"]
         if kind == "extern":
             self.out.extern_ops.append(self.target_name(node))

@@ -1,0 +1,6 @@
+"""The compiled-artifact cache: every compiled graph stored under a content key."""
+
+from flagtree_py.cache.key import cache_key
+from flagtree_py.cache.store import CacheEntry, KernelCache, default_cache_dir
+
+__all__ = ["cache_key", "KernelCache", "CacheEntry", "default_cache_dir"]

@@ -1,0 +1,96 @@
+"""The compiled-artifact cache: warm starts in a second process, concurrent writers, tampering."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_COMPILE = """
+import json, sys, time, torch, flagtree_py
+from flagtree_py.models import build_tiny_model
+model = build_tiny_model("qwen3")
+ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    out = torch.compile(model, backend="flagtree")(ids)
+    ref = model(ids)
+record = flagtree_py.report()[-1]
+print(json.dumps({"cache": record["cache"], "kernels_generated": record["kernels_generated"],
+                  "triton_kernels": record["triton_kernels"], "compile_s": record["compile_s"],
+                  "key": record["cache_key"], "failures": record["kernel_failures"],
+                  "err": ((out - ref).abs().max() / ref.abs().max()).item()}))
+"""
+
+
+def _compile_in_subprocess(cache_dir: Path) -> dict:
+    env = {**__import__("os").environ, "FLAGTREE_CACHE_DIR": str(cache_dir)}
+    done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_second_process_generates_nothing(tmp_path):
+    cold = _compile_in_subprocess(tmp_path)
+    warm = _compile_in_subprocess(tmp_path)
+    assert cold["cache"] == "miss" and cold["kernels_generated"] == cold["triton_kernels"] > 0
+    assert warm["cache"] == "hit" and warm["kernels_generated"] == 0 and warm["key"] == cold["key"]
+    assert warm["triton_kernels"] == cold["triton_kernels"]
+    assert warm["compile_s"] < cold["compile_s"]
+    assert warm["err"] <= 1e-4 and warm["failures"] == []
+
+
+@pytest.mark.slow
+def test_concurrent_compiles_leave_one_valid_entry(tmp_path):
+    env = {**__import__("os").environ, "FLAGTREE_CACHE_DIR": str(tmp_path)}
+    processes = [subprocess.Popen([sys.executable, "-c", _COMPILE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(4)]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=900)
+        assert process.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["err"] <= 1e-4 for r in results)
+    entries = [p for p in tmp_path.glob("*/*") if p.is_dir() and not p.name.startswith(".tmp")]
+    assert len(entries) == 1
+    assert not list(tmp_path.glob("*/.tmp*")), "no scratch directory is left behind"
+    from flagtree_py.cache import KernelCache
+
+    assert KernelCache(tmp_path).verify(entries[0].name) is None
+
+
+@pytest.mark.slow
+def test_tampered_entry_is_not_executed_and_is_rebuilt(tmp_path):
+    cold = _compile_in_subprocess(tmp_path)
+    (entry,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    module = entry / "module.py"
+    module.write_text(module.read_text().replace("def call(args):", "def call(args):\n    raise SystemExit(13)"))
+    rebuilt = _compile_in_subprocess(tmp_path)
+    assert rebuilt["cache"].startswith("rebuilt: module.py does not match its hash")
+    assert rebuilt["err"] <= 1e-4
+    again = _compile_in_subprocess(tmp_path)
+    assert again["cache"] == "hit" and again["key"] == cold["key"]
+
+
+def test_world_writable_cache_directory_is_refused(tmp_path):
+    import warnings
+
+    import torch
+
+    import flagtree_py
+
+    unsafe = tmp_path / "shared"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    torch._dynamo.reset()
+    flagtree_py.clear_report()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f = torch.compile(lambda x: x.exp() + 1, backend="flagtree", options={"cache_dir": str(unsafe)})
+        x = torch.randn(8)
+        assert torch.allclose(f(x), x.exp() + 1)
+    assert any("writable by everyone" in str(w.message) for w in caught)
+    assert not list(unsafe.iterdir())
