@@ -121,7 +121,9 @@ def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool)
     records = flagtree_py.report()
     result["graphs"] = [
         {k: r.get(k) for k in ("graph", "target", "target_reason", "executor", "triton_kernels", "lowered_fraction",
-                               "work_nodes", "codegen_fallbacks", "kernel_failures", "compile_s", "dynamic_symbols")}
+                               "work_nodes", "codegen_fallbacks", "kernel_failures", "compile_s", "dynamic_symbols",
+                               "fusions_split", "cache")}
+        | {"fusion_passes": {k: v for k, v in r.get("passes", {}).items() if k.startswith("fuse_")}}
         | {"extern_ops": sorted(set(r.get("extern_ops", [])))}
         for r in records
     ]
