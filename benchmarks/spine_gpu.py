@@ -117,8 +117,11 @@ def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool)
             checks.append(check)
     del model32
     result["checks"] = checks
-    result["passed"] = all(c["passed"] for c in checks)
     records = flagtree_py.report()
+    # agreement proves nothing if flagtree did not compile: a graph that fell back to eager fails
+    result["compiled_by_flagtree"] = bool(records) and all(
+        not r.get("fallback") and r.get("triton_kernels", 0) > 0 and not r.get("kernel_failures") for r in records)
+    result["passed"] = all(c["passed"] for c in checks) and result["compiled_by_flagtree"]
     result["graphs"] = [
         {k: r.get(k) for k in ("graph", "target", "target_reason", "executor", "triton_kernels", "lowered_fraction",
                                "work_nodes", "codegen_fallbacks", "kernel_failures", "compile_s", "dynamic_symbols",

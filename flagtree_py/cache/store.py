@@ -6,29 +6,45 @@ one graph, one entry survives). Every file's hash is checked before its code is 
 entry that fails the check is reported and rebuilt, never executed. The cache directory is
 created 0700; one owned by another user or writable by everyone is refused. A full disk or any
 other OS error degrades to running without the cache, with one warning.
+
+For `flagtree cache`: entries are listed, removed, evicted least recently used first down to a size,
+and moved between machines as .tar.gz bundles whose import checks every path and file hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import stat
+import tarfile
 import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 MODULE_FILE = "module.py"
 META_FILE = "meta.json"
 
+#: what an entry directory's name (a key) and the names of its files may be: nothing a path can escape with
+_KEY = re.compile(r"[0-9a-f]{4,64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: a bundle member larger than this is refused unread (generated modules are kilobytes)
+MAX_BUNDLE_FILE_BYTES = 64 << 20
+
 
 def default_cache_dir() -> Path:
-    import platformdirs
-
+    """The platform's user cache directory (platformdirs), or the XDG one where that is missing."""
+    try:
+        import platformdirs
+    except ImportError:  # e.g. an environment that got flagtree without its dependencies
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flagtree"
     return Path(platformdirs.user_cache_dir("flagtree"))
 
 
@@ -128,6 +144,173 @@ class KernelCache:
             self._degrade(error)
             return None
 
+    # -- management (the `flagtree cache` command) ---------------------------------------------
+
+    def entries(self) -> Iterator[tuple[CacheEntry, int]]:
+        """Every entry, intact or not, as (entry, size in bytes); an unreadable meta.json reads as {}.
+
+        Only reads: a missing directory has no entries, and nothing is created. Scratch directories of
+        writes in progress are skipped, and so is an entry that another process removes meanwhile.
+        """
+        if not self.directory.is_dir():
+            return
+        for prefix in sorted(self.directory.iterdir()):
+            if len(prefix.name) != 2 or prefix.is_symlink() or not prefix.is_dir():
+                continue
+            for path in sorted(prefix.iterdir()):
+                if not (_KEY.fullmatch(path.name) and path.name.startswith(prefix.name)):
+                    continue
+                if path.is_symlink() or not path.is_dir():
+                    continue
+                try:
+                    size = sum(item.lstat().st_size for item in path.rglob("*") if not item.is_dir())
+                except OSError:
+                    continue  # removed while we looked
+                try:
+                    meta = json.loads((path / META_FILE).read_text())
+                except (OSError, ValueError):
+                    meta = {}
+                yield CacheEntry(path.name, path, meta if isinstance(meta, dict) else {}), size
+
+    def size_bytes(self) -> int:
+        return sum(size for _, size in self.entries())
+
+    def remove(self, key: str) -> bool:
+        """Remove one entry; False if there was none. The entry is first renamed out of the way, so no
+        process ever loads a half-deleted one."""
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"not a cache key: {key!r}")
+        path = self.entry_path(key)
+        doomed = path.with_name(f".tmp-rm-{uuid.uuid4().hex[:8]}-{key}")
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+    def evict(self, max_bytes: int) -> list[str]:
+        """Remove least recently used entries until the cache holds at most `max_bytes`; returns the
+        removed keys, oldest use first. Entries whose meta.json cannot be read go first."""
+        listed = sorted(self.entries(), key=lambda item: _last_used(item[0].meta))
+        total = sum(size for _, size in listed)
+        removed = []
+        for entry, size in listed:
+            if total <= max_bytes:
+                break
+            if self.remove(entry.key):
+                removed.append(entry.key)
+            total -= size
+        return removed
+
+    def export_bundle(self, file: Path | str, keys: Iterable[str]) -> dict[str, str | None]:
+        """Write the entries to a .tar.gz bundle (`<key>/meta.json`, `<key>/module.py`); returns each
+        key's problem, None for those exported. An entry that fails its check is left out. The bundle
+        is written to a temporary file and renamed into place."""
+        file = Path(file)
+        problems: dict[str, str | None] = {}
+        scratch = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            with tarfile.open(scratch, "w:gz") as bundle:
+                for key in keys:
+                    try:
+                        meta_bytes, meta, files = self._read_checked(key)
+                    except ValueError as problem:
+                        problems[key] = str(problem)
+                        continue
+                    mtime = int(meta.get("created") or time.time())
+                    for name, data in [(META_FILE, meta_bytes), *files.items()]:
+                        info = tarfile.TarInfo(f"{key}/{name}")
+                        info.size, info.mode, info.mtime = len(data), 0o644, mtime
+                        bundle.addfile(info, io.BytesIO(data))
+                    problems[key] = None
+            os.replace(scratch, file)
+        finally:
+            scratch.unlink(missing_ok=True)
+        return problems
+
+    def import_bundle(self, file: Path | str) -> list[tuple[str, str, str | None]]:
+        """Add a bundle's entries: (key, "imported" | "kept" | "refused", why) for each.
+
+        Every member is checked before anything is written: an absolute path, `..`, a link or device,
+        or anything but `<key>/<file>` refuses the whole bundle (CacheRefused). An entry whose files do
+        not match the hashes in its meta.json is refused; an intact entry already here is kept (never
+        overwritten); a damaged one is replaced. Each entry is written like `store()`: a temporary
+        directory renamed into place. The hashes show the files are the ones exported, not that the
+        code is safe to run: import only bundles from people you trust.
+        """
+        contents = self._read_bundle(Path(file))
+        self._check_directory()
+        outcomes = []
+        for key, files in contents.items():
+            try:
+                meta = _checked_bundle_entry(key, files)
+            except ValueError as problem:
+                outcomes.append((key, "refused", str(problem)))
+                continue
+            final = self.entry_path(key)
+            if final.exists() and self.verify(key) is None:
+                outcomes.append((key, "kept", "an intact entry is already in the cache"))
+                continue
+            now = time.time()
+            meta = {**meta, "key": key, "hits": 0, "last_used": now, "imported": now}
+            final.parent.mkdir(mode=0o700, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{uuid.uuid4().hex[:8]}-", dir=final.parent))
+            for name in meta["files"]:
+                (scratch / name).write_bytes(files[name])
+            (scratch / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)  # damaged: replace it
+            try:
+                os.rename(scratch, final)
+            except OSError:
+                shutil.rmtree(scratch, ignore_errors=True)  # another process stored it first
+            problem = self.verify(key)
+            outcomes.append((key, "imported", None) if problem is None else (key, "refused", problem))
+        return outcomes
+
+    def _read_checked(self, key: str) -> tuple[bytes, dict, dict[str, bytes]]:
+        """An entry's meta.json (bytes and parsed) and its files, read once and checked against the
+        hashes; ValueError says what is wrong."""
+        problem = self.verify(key)  # ownership and a readable meta.json
+        if problem is not None:
+            raise ValueError(problem)
+        path = self.entry_path(key)
+        meta_bytes = (path / META_FILE).read_bytes()
+        meta = json.loads(meta_bytes)
+        files = {name: (path / name).read_bytes() for name in meta["files"]}
+        for name, data in files.items():
+            if _sha256(data) != meta["files"][name]:
+                raise ValueError(f"{name} does not match its hash")
+        return meta_bytes, meta, files
+
+    @staticmethod
+    def _read_bundle(file: Path) -> dict[str, dict[str, bytes]]:
+        """{key: {file name: bytes}} of a bundle whose every member is safe, else CacheRefused."""
+        contents: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(file, "r:gz") as bundle:
+                members = bundle.getmembers()
+                for member in members:
+                    parts = member.name.split("/")
+                    if member.name.startswith("/") or "\\" in member.name or ".." in parts:
+                        raise CacheRefused(f"unsafe path {member.name!r} in the bundle")
+                    if not (member.isfile() or member.isdir()):
+                        raise CacheRefused(f"{member.name!r} in the bundle is a link or special file")
+                    if not _KEY.fullmatch(parts[0]) or len(parts) > 2 or (len(parts) == 2) == member.isdir():
+                        raise CacheRefused(f"unexpected member {member.name!r} (a bundle holds <key>/<file>)")
+                    if member.isfile() and not _FILE_NAME.fullmatch(parts[1]):
+                        raise CacheRefused(f"unexpected file name {member.name!r} in the bundle")
+                    if member.size > MAX_BUNDLE_FILE_BYTES:
+                        raise CacheRefused(f"{member.name!r} in the bundle is too large ({member.size} bytes)")
+                    if member.isfile() and parts[1] in contents.get(parts[0], {}):
+                        raise CacheRefused(f"{member.name!r} appears twice in the bundle")
+                    if member.isfile():
+                        contents.setdefault(parts[0], {})[parts[1]] = bundle.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise CacheRefused(f"not a readable .tar.gz bundle: {error}") from None
+        return contents
+
     def _write_json(self, path: Path, data: dict) -> None:
         scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         scratch.write_text(json.dumps(data, indent=1, default=str))
@@ -137,3 +320,34 @@ class KernelCache:
         if not self._warned:
             warnings.warn(f"flagtree: compiled-artifact cache unavailable ({error}); compiling without it", stacklevel=3)
             self._warned = True
+
+
+def _last_used(meta: dict) -> float:
+    value = meta.get("last_used", meta.get("created", 0))
+    return value if isinstance(value, (int, float)) else 0
+
+
+def _checked_bundle_entry(key: str, files: dict[str, bytes]) -> dict:
+    """A bundle entry's meta, once its files match their hashes; ValueError says what is wrong."""
+    if META_FILE not in files:
+        raise ValueError(f"no {META_FILE}")
+    try:
+        meta = json.loads(files[META_FILE])
+        hashes = meta["files"]
+        if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+            raise TypeError("files is not a mapping of names to hashes")
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"unreadable {META_FILE}: {error}") from None
+    if meta.get("key", key) != key:
+        raise ValueError(f"{META_FILE} belongs to key {meta['key']}")
+    for name in hashes:
+        if name == META_FILE or not _FILE_NAME.fullmatch(name):
+            raise ValueError(f"{META_FILE} lists a bad file name {name!r}")
+        if name not in files:
+            raise ValueError(f"{name} is missing")
+        if _sha256(files[name]) != hashes[name]:
+            raise ValueError(f"{name} does not match its hash")
+    unlisted = sorted(set(files) - set(hashes) - {META_FILE})
+    if unlisted:
+        raise ValueError(f"{', '.join(unlisted)} not listed in {META_FILE}")
+    return meta
