@@ -65,15 +65,16 @@ def is_float_tensor(node) -> bool:
 def match_rms_norm(rsqrt: torch.fx.Node) -> dict | None:
     """x * rsqrt(mean(x^2, -1, keepdim) + eps) [-> cast] [* weight], anchored at the rsqrt.
 
-    Returns {"x", "nodes", "out", "eps"} or None. eps must be a Python number: a norm whose
-    eps arrives as a tensor (dynamic=True turns float attributes into inputs) is left alone.
+    Returns {"x", "nodes", "out", "eps"} or None. eps is a Python number or a 0-dim tensor
+    (dynamic=True turns float attributes into graph inputs): the kernel reads it at run time, so
+    nothing is baked in; any other eps (a per-channel tensor) is not this pattern.
     """
     add = rsqrt.args[0]
     if not is_op(add, aten.add.Tensor, aten.add.Scalar):
         return None
     mean = add.args[0] if is_op(add.args[0], aten.mean.dim) else add.args[1]
     eps = other_operand(add, mean)
-    if not is_op(mean, aten.mean.dim) or not isinstance(eps, (int, float)) or len(mean.users) != 1:
+    if not is_op(mean, aten.mean.dim) or not _is_scalar(eps) or len(mean.users) != 1:
         return None
     ndim = mean.meta["val"].dim()
     if list(mean.args[1]) not in ([-1], [ndim - 1]) or not (len(mean.args) > 2 and mean.args[2]):
@@ -106,6 +107,14 @@ def match_rms_norm(rsqrt: torch.fx.Node) -> dict | None:
     if is_op(x, prims.convert_element_type.default, aten._to_copy.default):
         nodes.append(x)
     return {"x": skip_convert(x), "nodes": nodes, "out": out, "eps": eps}
+
+
+def _is_scalar(value) -> bool:
+    """A Python number, or a node computing a 0-dim float tensor (through dtype casts)."""
+    if isinstance(value, (int, float)):
+        return True
+    val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 0 and val.dtype.is_floating_point
 
 
 def through_views(node: torch.fx.Node) -> list[torch.fx.Node]:
