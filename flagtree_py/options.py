@@ -19,6 +19,7 @@ class CompileOptions:
     poison_outputs: bool = False  # debug: fill kernel outputs with NaN/-1 first, so unwritten elements show
     cache: bool = True  # reuse compiled graphs across processes (flagtree_py/cache)
     cache_dir: str | None = None  # default: FLAGTREE_CACHE_DIR, else the platform's user cache dir
+    cache_max_bytes: int = 4 << 30  # least recently used entries are evicted beyond this size
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -32,6 +33,8 @@ class CompileOptions:
             options["target"] = os.environ["FLAGTREE_TARGET"]
         if "cache_dir" not in options and os.environ.get("FLAGTREE_CACHE_DIR"):
             options["cache_dir"] = os.environ["FLAGTREE_CACHE_DIR"]
+        if "cache_max_bytes" not in options and os.environ.get("FLAGTREE_CACHE_MAX_BYTES"):
+            options["cache_max_bytes"] = int(os.environ["FLAGTREE_CACHE_MAX_BYTES"])
         if "cache" not in options and os.environ.get("FLAGTREE_CACHE") == "0":
             options["cache"] = False
         if "dump_dir" not in options and os.environ.get("FLAGTREE_DUMP_DIR"):

@@ -117,12 +117,14 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     if cache is not None:
         externs = _extern_names(generated.extern_targets)
         if externs is not None:  # an extern no import path reaches cannot be cached
-            cache.store(key, generated.source, {
+            stored = cache.store(key, generated.source, {
                 "graph": graph_name, "target": target.name, "target_hash": target.hash(),
                 "kernels": [k.name for k in generated.kernels], "externs": externs,
                 "constants": generated.constant_targets, "record": _cacheable(record),
                 "aten_graph": str(graph), "partition": partition_text,
             })
+            if stored is not None:
+                cache.evict(options.cache_max_bytes)
     add_record(record)
     call = module.call
     call._boxed_call = True

@@ -15,10 +15,9 @@ import hashlib
 import platform
 from pathlib import Path
 
-import torch
-import torch.fx
-
 import flagtree_py
+
+# torch is imported inside the functions: `flagtree cache ...` reads entries without it
 
 
 @functools.cache
@@ -34,6 +33,8 @@ def source_hash() -> str:
 
 
 def _describe(value) -> str:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return f"T[{value.dtype},{tuple(map(str, value.shape))},{tuple(map(str, value.stride()))},{value.device.type}]"
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -43,7 +44,9 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def canonical_graph(gm: torch.fx.GraphModule) -> str:
+def canonical_graph(gm) -> str:
+    import torch.fx
+
     lines = []
     for node in gm.graph.nodes:
         args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{n.name}")
@@ -52,7 +55,9 @@ def canonical_graph(gm: torch.fx.GraphModule) -> str:
     return "\n".join(lines)
 
 
-def cache_key(gm: torch.fx.GraphModule, target_hash: str, options_hash: str) -> str:
+def cache_key(gm, target_hash: str, options_hash: str) -> str:
+    """The key of `gm` (an aten torch.fx.GraphModule) compiled for a target with options."""
+    import torch
     import triton
 
     parts = [

@@ -1,8 +1,9 @@
-"""Helpers shared by the commands: plain-text tables, byte sizes, one-line errors, progress on stderr,
-installed versions."""
+"""Helpers shared by the commands: plain-text tables, byte sizes and ages, one-line errors, progress on
+stderr, colour on a terminal, installed versions."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -71,3 +72,38 @@ class Progress:
         if self._open_line:
             print(file=self.stream, flush=True)
             self._open_line = False
+
+
+def format_size(count: int) -> str:
+    """A size for people: 512 B, 4.2 KiB, 13 MiB (three significant digits at most)."""
+    value, unit = float(count), "B"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    if unit == "B":
+        return f"{count} B"
+    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+
+
+def format_age(seconds: float) -> str:
+    """How long ago, in the largest whole unit: 45s, 12m, 3h, 2d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def colour_enabled(stream=None) -> bool:
+    """Colour only for a person at a terminal (and never under NO_COLOR, https://no-color.org)."""
+    stream = stream if stream is not None else sys.stdout
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+_COLOURS = {"red": 31, "green": 32, "yellow": 33, "bold": 1, "dim": 2}
+
+
+def paint(text: str, colour: str, enabled: bool) -> str:
+    """`text` in an ANSI colour when `enabled`, else unchanged."""
+    return f"\033[{_COLOURS[colour]}m{text}\033[0m" if enabled else text

@@ -2,6 +2,7 @@
 
     flagtree demo       compile a tiny random-weight model with flagtree, compare greedy tokens with eager
     flagtree targets    the registered targets (chips flagtree lowers for) and how they differ
+    flagtree cache      the compiled-artifact cache: ls, show, stats, verify, rm, clear, export, import
     flagtree --version
 
 Exit status: 0 success, 1 the command ran and found a failure (e.g. compiled tokens differ from eager),
@@ -16,12 +17,12 @@ import sys
 from collections.abc import Sequence
 
 from flagtree_py import __version__
-from flagtree_py.cli import demo, targets
+from flagtree_py.cli import cache, demo, targets
 from flagtree_py.cli.common import installed_version
 
 #: one module per subcommand, in the order `flagtree --help` lists them
-#: (serve, cache, compile and validate join this list as they are written)
-COMMANDS = (demo, targets)
+#: (serve, compile and validate join this list as they are written)
+COMMANDS = (demo, targets, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

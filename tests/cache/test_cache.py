@@ -94,3 +94,26 @@ def test_world_writable_cache_directory_is_refused(tmp_path):
         assert torch.allclose(f(x), x.exp() + 1)
     assert any("writable by everyone" in str(w.message) for w in caught)
     assert not list(unsafe.iterdir())
+
+
+def test_size_limit_evicts_least_recently_used(tmp_path):
+    import torch
+
+    import flagtree_py
+    from flagtree_py.cache import KernelCache
+
+    def compile_one(fn, limit):
+        torch._dynamo.reset()
+        f = torch.compile(fn, backend="flagtree", options={"cache_dir": str(tmp_path), "cache_max_bytes": limit})
+        x = torch.randn(16)
+        assert torch.allclose(f(x), fn(x), atol=1e-6)
+
+    compile_one(lambda x: x.exp() * 2, 1 << 30)
+    compile_one(lambda x: x.sin() + 3, 1 << 30)
+    cache = KernelCache(tmp_path)
+    assert len(list(cache.entries())) == 2
+    newest = flagtree_py.report()[-1]["cache_key"]
+    one_entry = max(size for _, size in cache.entries())
+    compile_one(lambda x: x.cos() - 1, one_entry + 1)  # room for about one entry: the newest stays
+    keys = [entry.key for entry, _ in cache.entries()]
+    assert len(keys) == 1 and keys[0] == flagtree_py.report()[-1]["cache_key"] != newest
