@@ -47,7 +47,7 @@ def test_second_process_generates_nothing(tmp_path):
 def test_concurrent_compiles_leave_one_valid_entry(tmp_path):
     env = {**__import__("os").environ, "FLAGTREE_CACHE_DIR": str(tmp_path)}
     processes = [subprocess.Popen([sys.executable, "-c", _COMPILE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env) for _ in range(4)]
+                                  text=True, env=env) for _ in range(8)]
     results = []
     for process in processes:
         out, err = process.communicate(timeout=900)
