@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from flagtree_py.cache import KernelCache, cache_key, default_cache_dir
+from flagtree_py.cache.externs import extern_import_paths, resolve_import_paths
 from flagtree_py.codegen.lowerings import is_gemm_or_attention
 from flagtree_py.codegen.wrapper import ModuleWriter
 from flagtree_py.options import CompileOptions
@@ -115,7 +116,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     record["passes"] = dict(ctx.counters)
     record["kernels_generated"] = len(generated.kernels)
     if cache is not None:
-        externs = _extern_names(generated.extern_targets)
+        externs = extern_import_paths(generated.extern_targets)
         if externs is not None:  # an extern no import path reaches cannot be cached
             stored = cache.store(key, generated.source, {
                 "graph": graph_name, "target": target.name, "target_hash": target.hash(),
@@ -138,7 +139,7 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(entry.module_source, directory, graph_name)
     bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
-                 externs=_resolve_externs(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs)
+                 externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
     record.update(meta["record"])
@@ -157,36 +158,6 @@ _CACHED_FIELDS = ("triton_kernels", "lowered_nodes", "work_nodes", "work_nodes_i
 
 def _cacheable(record: dict) -> dict:
     return {k: record[k] for k in _CACHED_FIELDS if k in record} | {"compile_s_cold": record["compile_s"]}
-
-
-def _extern_names(externs: dict) -> dict | None:
-    """Import paths of the non-aten callables a wrapper calls, or None if one has none."""
-    names = {}
-    for name, target in externs.items():
-        if isinstance(target, torch._ops.HigherOrderOperator):
-            names[name] = f"torch.ops.higher_order.{target.name()}"
-            continue
-        module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
-        if not module or "<" in qualname:
-            return None
-        names[name] = f"{module}:{qualname}"
-    return names
-
-
-def _resolve_externs(names: dict) -> dict:
-    import importlib
-
-    resolved = {}
-    for name, path in names.items():
-        if path.startswith("torch.ops.higher_order."):
-            resolved[name] = getattr(torch.ops.higher_order, path.rsplit(".", 1)[1])
-            continue
-        module, qualname = path.split(":")
-        value = importlib.import_module(module)
-        for part in qualname.split("."):
-            value = getattr(value, part)
-        resolved[name] = value
-    return resolved
 
 
 def _device_type(example_inputs) -> str:
