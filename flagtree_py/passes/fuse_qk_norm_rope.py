@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.fx
 
 from flagtree_py.passes import PassContext
-from flagtree_py.passes.patterns import VIEW_OPS, aten, is_op, match_rms_norm, match_rotary, stamp, through_views
+from flagtree_py.passes.patterns import VIEW_OPS, aten, is_op, match_rms_norm, match_rotary, run_matcher, through_views
 
 
 def _rotary_nodes(normed: torch.fx.Node) -> list[torch.fx.Node] | None:
@@ -32,18 +32,14 @@ def _sources(node: torch.fx.Node) -> list[torch.fx.Node]:
     return chain
 
 
+def _match(rsqrt: torch.fx.Node) -> list[torch.fx.Node] | None:
+    match = match_rms_norm(rsqrt)
+    if match is None or match["x"].meta["val"].dim() != 4:
+        return None
+    rotary = _rotary_nodes(match["out"])
+    return None if rotary is None else [*match["nodes"], *rotary]
+
+
 def fuse_qk_norm_rope(graph: torch.fx.Graph, ctx: PassContext) -> bool:
-    found = 0
-    for node in graph.nodes:
-        if not is_op(node, aten.rsqrt.default) or "fusion" in node.meta:
-            continue
-        match = match_rms_norm(node)
-        if match is None or match["x"].meta["val"].dim() != 4:
-            continue
-        rotary = _rotary_nodes(match["out"])
-        if rotary is None:
-            continue
-        stamp([*match["nodes"], *rotary], "fuse_qk_norm_rope")
-        found += 1
-    ctx.counters["fuse_qk_norm_rope"] += found
+    run_matcher(graph, ctx, "fuse_qk_norm_rope", aten.rsqrt.default, _match)
     return False

@@ -37,9 +37,35 @@ def other_operand(node: torch.fx.Node, known) -> object | None:
 
 def skip_convert(node):
     """The value under an optional dtype conversion."""
-    if is_op(node, prims.convert_element_type.default, aten._to_copy.default):
+    if is_op(node, *CASTS):
         return node.args[0]
     return node
+
+
+CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+
+
+def through_cast(node: torch.fx.Node, nodes: list) -> torch.fx.Node:
+    """`node`, or its only user when that is a dtype cast (appended to `nodes`)."""
+    cast = single_user(node, *CASTS)
+    if cast is None:
+        return node
+    nodes.append(cast)
+    return cast
+
+
+def run_matcher(graph: torch.fx.Graph, ctx, pattern: str, anchor, match) -> None:
+    """Stamp and count every instance of `pattern`: `match(node)` is tried on each unstamped
+    node whose target is `anchor` and returns the instance's nodes, or None."""
+    found = 0
+    for node in graph.nodes:
+        if not is_op(node, anchor) or "fusion" in node.meta:
+            continue
+        nodes = match(node)
+        if nodes is not None:
+            stamp(nodes, pattern)
+            found += 1
+    ctx.counters[pattern] += found
 
 
 def single_user(node: torch.fx.Node, *targets):
@@ -92,11 +118,7 @@ def match_rms_norm(rsqrt: torch.fx.Node) -> dict | None:
     if scale is None or len(rsqrt.users) != 1:
         return None
     nodes = [square, mean, add, rsqrt, scale]
-    out = scale
-    cast = single_user(out, prims.convert_element_type.default, aten._to_copy.default)
-    if cast is not None:
-        nodes.append(cast)
-        out = cast
+    out = through_cast(scale, nodes)
     weighted = single_user(out, aten.mul.Tensor)
     if weighted is not None:
         weight = other_operand(weighted, out)
@@ -104,7 +126,7 @@ def match_rms_norm(rsqrt: torch.fx.Node) -> dict | None:
         if isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == x.meta["val"].shape[-1]:
             nodes.append(weighted)
             out = weighted
-    if is_op(x, prims.convert_element_type.default, aten._to_copy.default):
+    if is_op(x, *CASTS):
         nodes.append(x)
     return {"x": skip_convert(x), "nodes": nodes, "out": out, "eps": eps}
 
