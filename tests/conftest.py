@@ -24,6 +24,17 @@ def _seed_torch() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_compiler_state():
+    """Every test starts with no Dynamo cache and an empty flagtree report (and leaves none)."""
+    import flagtree_py
+
+    torch._dynamo.reset()
+    flagtree_py.clear_report()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test compiles into a cache of its own: no hit from another test, nothing left in the
     user's cache directory (tests of the cache itself compile twice on purpose)."""

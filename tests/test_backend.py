@@ -18,14 +18,6 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    flagtree_py.clear_report()
-    yield
-    torch._dynamo.reset()
-
-
 def test_backend_is_found_without_importing_flagtree():
     code = (
         "import sys, torch\n"

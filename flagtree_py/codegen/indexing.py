@@ -69,14 +69,6 @@ def _exact(e: sympy.Expr) -> sympy.Expr:
     return sympy.sympify(e).replace(FloorDiv, lambda a, b: a / b)
 
 
-def contiguous_strides(sizes: Sequence[sympy.Expr]) -> Index:
-    strides, running = [], sympy.Integer(1)
-    for size in reversed(sizes):
-        strides.append(running)
-        running = running * size
-    return tuple(reversed(strides))
-
-
 def flat_offset(index: Index, strides: Sequence[sympy.Expr]) -> sympy.Expr:
     return sympy.Add(*(i * s for i, s in zip(index, strides, strict=True)))
 

@@ -28,7 +28,6 @@ _PLACEHOLDER = re.compile(r"«(\d+)»")
 class Scope:
     """A straight-line region of the kernel: the whole body, one reduction loop, or the epilogue."""
 
-    name: str
     in_r: bool  # whether the reduction variables are live here
     lines: list[str] = field(default_factory=list)
     memo: dict = field(default_factory=dict)
@@ -92,7 +91,7 @@ class KernelBuilder:
         self.reductions: dict[torch.fx.Node, Value] = {}
         self.reduction_scopes: list[Scope] = []
         self.accumulators = 0
-        self.body = Scope("body", in_r=self.is_reduction)
+        self.body = Scope(in_r=self.is_reduction)
         self.scope = self.body
 
     # -- code emission -------------------------------------------------------------------------
@@ -160,16 +159,13 @@ class KernelBuilder:
         if buffer is None:
             raise LoweringError(f"{node.name} is neither computed in the group nor materialized")
         val = node.meta["val"]
-        if self.device_type != "cpu" and val.device.type == "cpu":
-            if val.dim() != 0:
-                raise LoweringError(f"{node.name} lives on the CPU")
-            # a 0-dim CPU tensor reaches a GPU kernel as a number (Triton: fp32 / i32 / i64)
-            name, _ = self.scalars.setdefault(buffer, (f"in_scalar{len(self.scalars)}", val.dtype))
-            return self.to_compute(Value(name, torch.float32 if val.dtype.is_floating_point else val.dtype), val.dtype)
+        argument = self.add_input(node, buffer)
+        if argument.startswith("in_scalar"):
+            return self.to_compute(Value(argument, torch.float32 if val.dtype.is_floating_point else val.dtype), val.dtype)
         strides = indexing.shape_of(val.stride())
         offset = indexing.flat_offset(index, strides)
         self.symbols |= offset.free_symbols - set(self.full_vars) - self.indirect
-        pointer = self.inputs.setdefault(buffer, f"in_ptr{len(self.inputs)}")
+        pointer = argument
         token = self.index_token(offset)
         if extra_mask or offset.free_symbols & self.indirect:
             # a gathered index or a cat/pad condition may vary along any dimension: give the
@@ -184,6 +180,16 @@ class KernelBuilder:
             return loaded
         upcast = self.to_compute(loaded, val.dtype)
         return Value(upcast.name, upcast.dtype, narrow=val.dtype)
+
+    def add_input(self, node: torch.fx.Node, buffer: str) -> str:
+        """The kernel argument that carries `buffer` (materialized `node`): a pointer, or, for a
+        0-dim CPU tensor read by a GPU kernel, its value as a number (Triton: fp32 / i32 / i64)."""
+        val = node.meta["val"]
+        if self.device_type != "cpu" and val.device.type == "cpu":
+            if val.dim() != 0:
+                raise LoweringError(f"{node.name} lives on the CPU")
+            return self.scalars.setdefault(buffer, (f"in_scalar{len(self.scalars)}", val.dtype))[0]
+        return self.inputs.setdefault(buffer, f"in_ptr{len(self.inputs)}")
 
     def zeros(self, outer: bool = False) -> str:
         """A block of zero offsets shaped like the current scope (or like one row's values)."""
@@ -251,7 +257,7 @@ class KernelBuilder:
             return self.reductions[key]
         outer_scope = self.scope
         if not self.persistent:
-            self.scope = Scope(f"reduction loop {len(self.reduction_scopes)}", in_r=True)
+            self.scope = Scope(in_r=True)
         value = input_fn()
         acc_dtype = value.dtype if value.dtype.is_floating_point else torch.int64
         if kind in ("max", "min") and not value.dtype.is_floating_point:
@@ -356,11 +362,11 @@ class KernelBuilder:
                 self.scope = self.body
                 self.store(node, role)
             elif role == "outer":
-                self.scope = Scope("epilogue", in_r=False)
+                self.scope = Scope(in_r=False)
                 self.store(node, role)
                 outer_lines += self.scope.lines
             else:
-                self.scope = Scope("epilogue loop", in_r=True)
+                self.scope = Scope(in_r=True)
                 self.store(node, role)
                 loop_lines += self.scope.lines
         self.scope = self.body

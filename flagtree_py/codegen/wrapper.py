@@ -22,7 +22,7 @@ import torch.fx
 from flagtree_py.codegen import indexing
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
-from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS, is_host_scalar
+from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 _TEMPLATES = jinja2.Environment(
@@ -259,10 +259,7 @@ class ModuleWriter:
             builder = KernelBuilder(group, buffers, _LOWERINGS, views, self.target.persistent_reduction_limit,
                                     self.device_type)
             for node in externals:  # what the aten fallback reads: the kernel takes it too
-                if self.device_type != "cpu" and is_host_scalar(node.meta.get("val")):
-                    builder.scalars.setdefault(buffers[node], (f"in_scalar{len(builder.scalars)}", node.meta["val"].dtype))
-                else:
-                    builder.inputs.setdefault(buffers[node], f"in_ptr{len(builder.inputs)}")
+                builder.add_input(node, buffers[node])
             builder.symbols |= self._subgraph_symbols(subgraph)
             index_dtype = "int64" if self._needs_int64(group) else "int32"
             spec = builder.build(group.name, [], index_dtype)

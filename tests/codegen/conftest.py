@@ -37,14 +37,6 @@ def op_name(target) -> str:
 _VIEW_NAMES = frozenset(op_name(t) for t in VIEWS)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_compiler_state():
-    torch._dynamo.reset()
-    flagtree_py.clear_report()
-    yield
-    torch._dynamo.reset()
-
-
 def assert_matches(actual, expected, exact: bool = False) -> None:
     """Eager agreement: bit-exact for integers, bools and `exact` cases; else
 

@@ -5,17 +5,10 @@ from __future__ import annotations
 import sys
 import warnings
 
-import pytest
 import torch
 
 import flagtree_py
 from flagtree_py.runtime.launch import GuardedKernel, counters
-
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    flagtree_py.clear_report()
 
 
 def _module_of(record):
