@@ -36,6 +36,7 @@ from flagtree_py.passes.decompose_split import decompose_split
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
 from flagtree_py.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from flagtree_py.passes.fuse_moe_routing import fuse_moe_routing
 from flagtree_py.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
 from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
 from flagtree_py.passes.fuse_rope import fuse_rope
@@ -57,7 +58,8 @@ CANONICALIZE = [
 
 #: LLM patterns, most specific first: each stamps its instances, which the partitioner keeps
 #: in one kernel apiece (see passes/patterns.py)
-FUSE = [fuse_qk_norm_rope, fuse_add_rms_norm, fuse_rms_norm, fuse_rope, fuse_silu_mul]
+FUSE = [fuse_qk_norm_rope, fuse_add_rms_norm, fuse_rms_norm, fuse_rope, fuse_silu_mul,
+        fuse_moe_routing]  # rewrites its instances into one flagtree::moe_routing node (own template)
 
 _MODULE_DIR = Path(tempfile.gettempdir()) / "flagtree_modules"
 
@@ -172,7 +174,7 @@ def _statistics(graph: torch.fx.Graph, partition, generated) -> dict:
     metadata, not work: they are counted apart, as folded into kernel indexing or not)."""
     kinds = partition.kinds
     failed = {f["group"] for f in generated.codegen_fallbacks}
-    in_kernels = set()
+    in_kernels = {n for n in graph.nodes if n.name in generated.template_nodes}
     for group in partition.groups:
         if group.name not in failed:
             in_kernels |= group.members

@@ -19,12 +19,16 @@ import sympy
 import torch
 import torch.fx
 
+import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.*)
 from flagtree_py.codegen import indexing
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
+from flagtree_py.codegen.moe_routing import lower_moe_routing
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
+#: flagtree ops a fusion pass put in the graph, each lowered by a template of its own
+_TEMPLATE_LOWERINGS = {torch.ops.flagtree.moe_routing.default: lower_moe_routing}
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
     keep_trailing_newline=True,
@@ -53,6 +57,7 @@ class GeneratedModule:
     extern_targets: dict = field(default_factory=dict)  # name -> callable for non-aten externs
     constants: dict = field(default_factory=dict)  # name -> tensor (get_attr)
     constant_targets: dict = field(default_factory=dict)  # name -> the GraphModule attribute it reads
+    template_nodes: list[str] = field(default_factory=list)  # nodes lowered by a template of their own
 
 
 class ModuleWriter:
@@ -67,6 +72,7 @@ class ModuleWriter:
         self.out = GeneratedModule(source="")
         self.bound: dict[sympy.Symbol, str] = {}
         self.devices: dict[str, str] = {}
+        self.template_sections: list[str] = []
 
     # -- printing ------------------------------------------------------------------------------
 
@@ -210,6 +216,10 @@ class ModuleWriter:
             self.out.constants[node.name] = getattr(self.gm, node.target)
             self.out.constant_targets[node.name] = node.target
             return [f"{node.name} = constants[{node.name!r}]"]
+        if kind == "extern" and node.target in _TEMPLATE_LOWERINGS:
+            lines = self._template_kernel(node)
+            if lines is not None:
+                return lines
         if kind == "extern":
             self.out.extern_ops.append(self.target_name(node))
             lines = [self.call_line(node)]
@@ -219,6 +229,24 @@ class ModuleWriter:
                 lines.append(f"assert_size_stride({node.name}, {self.arg(tuple(val.shape))}, {self.arg(tuple(val.stride()))})")
             return lines
         return [self.call_line(node)]
+
+    def _template_kernel(self, node) -> list[str] | None:
+        """The launch of `node`'s own kernel, or None (it then runs as an extern aten call)."""
+        name = f"k{len(self.partition.groups) + len(self.template_sections)}_{node.target._overloadpacket.__name__}"
+        val = node.args[0].meta["val"]
+        numel = indexing.numel(indexing.shape_of(val.shape))
+        int64 = not numel.is_Integer or int(numel) >= 2**31
+        try:
+            kernel = _TEMPLATE_LOWERINGS[node.target](node, name, _TEMPLATES, self.target, self.arg, int64)
+        except LoweringError as error:
+            self.out.codegen_fallbacks.append({"group": name, "reason": str(error)})
+            return None
+        self.template_sections.append(kernel.source)
+        self.out.template_nodes.append(node.name)
+        self.out.lowered_nodes += 1
+        self.out.kernels.append(KernelRecord(name=name, group_id=-1, kind=name.split("_", 1)[1], source=kernel.source,
+                                             config=kernel.config, nodes=[node.name], stored=[node.name]))
+        return kernel.call
 
     def _order_steps(self, nodes, emitted_views) -> list:
         group_of = self.partition.group_of
@@ -360,6 +388,7 @@ class ModuleWriter:
             "from torch import empty_strided",
             "from torch._C._dynamo.guards import assert_size_stride",
             "",
+            "import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.*)",
             "from flagtree_py.runtime.launch import cdiv, run",
             "",
             "aten = torch.ops.aten",
@@ -368,7 +397,7 @@ class ModuleWriter:
         header += [f"{name} = torch.device({device!r})" for device, name in self.devices.items()]
         header += ["constants = {}  # filled by the loader (get_attr tensors)", ""]
         parts = ["\n".join(header)]
-        parts += kernel_sections
+        parts += kernel_sections + self.template_sections
         call = ["def call(args):"] + ["    " + line for line in body]
         parts.append("\n".join(call))
         return "\n\n\n".join(parts) + "\n"

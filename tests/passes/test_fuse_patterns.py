@@ -40,6 +40,7 @@ def test_qwen3_family_patterns(preset, dtype):
     assert passes["fuse_silu_mul"] == L
     assert passes["fuse_qk_norm_rope"] == 2 * L  # q and k of each layer, one kernel each
     assert passes["fuse_rope"] == 0  # every rotary follows a q/k norm
+    assert passes["fuse_moe_routing"] == (0 if preset == "qwen3" else L)  # every MoE layer's router
 
 
 @pytest.mark.slow
@@ -51,6 +52,7 @@ def test_step3_patterns():
     assert passes["fuse_silu_mul"] == 3
     assert passes["fuse_qk_norm_rope"] == 0  # Step3 has no per-head q/k norm
     assert passes["fuse_rope"] == 2 * L  # rotary on q and on the shared k head
+    assert passes["fuse_moe_routing"] == 1  # the router of the MoE layer (layer 1)
 
 
 def test_norm_eps_may_be_a_runtime_scalar_but_not_a_vector():

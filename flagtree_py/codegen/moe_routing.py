@@ -1,0 +1,72 @@
+"""The kernel of `flagtree::moe_routing` (see passes/fuse_moe_routing.py): one program holds
+XBLOCK whole rows of router logits, so the softmax, the k rounds of top-k and the renormalisation
+never leave registers. Rendered from templates/moe_routing.py.jinja.
+
+Tie-breaking: each round takes the row's largest remaining probability and, among the experts
+holding exactly that value, the lowest index. torch.topk promises no order among ties, so the
+kernel and eager may pick different (equally weighted) experts only on exact ties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx
+
+from flagtree_py.codegen import indexing
+from flagtree_py.codegen.indexing import LoweringError
+from flagtree_py.codegen.types import triton_dtype
+
+
+@dataclass
+class TemplateKernel:
+    """A kernel rendered from its own template for one graph node (not from a fusion group)."""
+
+    name: str
+    source: str  # the @triton.jit kernel and its `*_fallback`
+    call: list[str]  # wrapper lines: allocations and the launch
+    config: dict
+
+
+def lower_moe_routing(node: torch.fx.Node, name: str, templates, target, arg, int64: bool) -> TemplateKernel:
+    """`arg(value)` prints a wrapper-side value (sizes may be symbolic)."""
+    logits, top_k, renormalize, weight_dtype = node.args
+    val = logits.meta["val"]
+    experts = val.shape[-1]
+    strides = val.stride()
+    if val.dim() != 2 or not isinstance(experts, int) or not all(isinstance(s, int) for s in strides):
+        raise LoweringError(f"{node.name}: router logits must be [rows, experts] with static experts and strides")
+    tile = target.reduction_config(experts, persistent=True)
+    if experts > target.persistent_reduction_limit:
+        raise LoweringError(f"{node.name}: {experts} experts do not fit one block on {target.name}")
+    rows = indexing.as_expr(val.shape[0])
+    x, r = sympy.Symbol("xindex"), sympy.Symbol("rindex")
+    source = templates.get_template("moe_routing.py.jinja").render(
+        name=name, top_k=top_k, experts=experts, renormalize=renormalize, int64=int64,
+        weight_dtype=str(weight_dtype).replace("torch.", ""), weight_triton=triton_dtype(weight_dtype),
+        load_offset=indexing.pexpr(x * strides[0] + r * strides[1]), xdesc=indexing.pexpr(rows),
+    )
+    fallback = [
+        f"def {name}_fallback(in_ptr0, out_ptr0, out_ptr1, xnumel):",
+        f'    """{name} with aten ops: used if the kernel fails to build or run."""',
+        f"    weights, ids = torch.ops.flagtree.moe_routing.default(in_ptr0, {top_k}, {renormalize}, {weight_dtype})",
+        "    out_ptr0.copy_(weights)",
+        "    out_ptr1.copy_(ids)",
+    ]
+    weights = node.meta["val"][0]
+    shape, stride = arg(tuple(weights.shape)), arg(tuple(weights.stride()))
+    device = arg(weights.device)
+    xnumel = arg(val.shape[0])
+    meta = {"XBLOCK": tile.XBLOCK, "RBLOCK": tile.RBLOCK, "num_warps": target.num_warps(tile.threads)}
+    call = [
+        f"# {name}: {node.name} (router softmax -> top-{top_k} -> weights, expert ids)",
+        f"{node.name}_weights = empty_strided({shape}, {stride}, dtype={weight_dtype}, device={device})",
+        f"{node.name}_ids = empty_strided({shape}, {stride}, dtype=torch.int64, device={device})",
+        (f"run({name}, (cdiv({xnumel}, {tile.XBLOCK}),), {logits.name}, {node.name}_weights, {node.name}_ids, "
+         f"{xnumel}, {', '.join(f'{k}={v}' for k, v in meta.items())})"),
+        f"{node.name} = ({node.name}_weights, {node.name}_ids)",
+    ]
+    return TemplateKernel(name, source + "\n\n" + "\n".join(fallback), call,
+                          {**meta, "persistent": True, "index_dtype": "int64" if int64 else "int32"})

@@ -1,0 +1,147 @@
+"""MoE routing: router softmax -> top-k -> (renormalise) -> cast, as one `flagtree::moe_routing` node,
+which codegen lowers to one kernel (codegen/moe_routing.py).
+
+The graph forms (all with the softmax decomposed to amax/sub/exp/sum/div, see decompositions.py):
+  Qwen3-MoE / Qwen3-Omni thinker  softmax(logits, dtype=float32) -> topk -> values / values.sum(-1)
+                                  -> .to(logits.dtype)   (renormalised when norm_topk_prob)
+  Step3 (models/step3.py)         softmax(logits.to(float32)) -> topk -> [values / values.sum(-1)]
+                                  -> scatter into zeros_like(probs)
+Unlike the other fusions this one rewrites the graph instead of stamping it: top-k does not fit
+the row/element model of the generic kernels (it has k outputs per row of E inputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.moe_routing)
+from flagtree_py.passes import PassContext
+from flagtree_py.passes.patterns import CASTS, aten, is_op, single_user
+
+_LIKE_OPS = (aten.full_like.default, aten.zeros_like.default, aten.empty_like.default)
+
+
+def _softmax_input(probs: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """x for probs = exp(x - amax(x)) / sum(exp(x - amax(x))) over the last dim, and the nodes."""
+    if not is_op(probs, aten.div.Tensor):
+        return None
+    exp, total = probs.args
+    if not (is_op(exp, aten.exp.default) and is_op(total, aten.sum.dim_IntList) and total.args[0] is exp):
+        return None
+    sub = exp.args[0]
+    if not is_op(sub, aten.sub.Tensor) or not is_op(sub.args[1], aten.amax.default):
+        return None
+    x, amax = sub.args
+    if amax.args[0] is not x or not _last_dim(amax, 1) or not _last_dim(total, 1):
+        return None
+    if len(exp.users) != 2 or len(sub.users) != 1 or len(amax.users) != 1 or len(total.users) != 1:
+        return None
+    return x, [amax, sub, exp, total, probs]
+
+
+def _last_dim(reduction: torch.fx.Node, dims_at: int) -> bool:
+    """A keepdim reduction over exactly the last dimension."""
+    ndim = reduction.args[0].meta["val"].dim()
+    dims = list(reduction.args[dims_at]) if len(reduction.args) > dims_at else []
+    keepdim = len(reduction.args) > dims_at + 1 and reduction.args[dims_at + 1]
+    return dims in ([-1], [ndim - 1]) and bool(keepdim)
+
+
+def _renormalised(values: torch.fx.Node) -> torch.fx.Node | None:
+    """values / values.sum(-1, keepdim=True), when that is all `values` is used for."""
+    users = list(values.users)
+    total = next((u for u in users if is_op(u, aten.sum.dim_IntList) and u.args[0] is values), None)
+    if total is None or len(users) != 2 or not _last_dim(total, 1) or len(total.users) != 1:
+        return None
+    div = next(iter(total.users))
+    if not is_op(div, aten.div.Tensor) or div.args[0] is not values or div.args[1] is not total or div not in users:
+        return None
+    return div
+
+
+def _match(topk: torch.fx.Node) -> dict | None:
+    probs, k = topk.args[0], topk.args[1]
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
+    ordered = topk.args[4] if len(topk.args) > 4 else topk.kwargs.get("sorted", True)
+    if not (isinstance(k, int) and largest and ordered):
+        return None
+    found = _softmax_input(probs)
+    if found is None:
+        return None
+    x, softmax_nodes = found
+    val = x.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 2 or not val.dtype.is_floating_point:
+        return None
+    experts = val.shape[-1]
+    if not isinstance(experts, int) or not 0 < k <= experts or dim not in (-1, 1):
+        return None  # the kernel holds one row of experts: a static count
+    if probs.meta["val"].dtype != torch.float32:
+        return None  # the fused op computes the softmax in float32, as the models do
+    raw = x.args[0] if is_op(x, *CASTS) and len(x.users) == 2 and x.args[0].meta["val"].dtype.is_floating_point \
+        else x  # the router's own dtype: the kernel upcasts while loading
+    like_users = [u for u in probs.users if u is not topk]
+    if not all(is_op(u, *_LIKE_OPS) and u.args[0] is probs for u in like_users):
+        return None  # the probabilities are read elsewhere: they must stay
+    if like_users and _metadata(raw) != _metadata(probs):
+        return None  # they are re-pointed at the router logits below: same shape, strides, device
+    getitems = {u.args[1]: u for u in topk.users if u.target is operator.getitem}
+    if len(getitems) != len(topk.users):
+        return None
+    values, ids = getitems.get(0), getitems.get(1)
+    renorm = _renormalised(values) if values is not None else None
+    weights = renorm if renorm is not None else values
+    cast = single_user(weights, *CASTS) if weights is not None else None
+    if cast is not None and cast.meta["val"].dtype.is_floating_point:
+        weights = cast
+    replaced = [x] if raw is not x else []
+    replaced += [*softmax_nodes, topk, *getitems.values()]
+    if renorm is not None:
+        replaced += [renorm.args[1], renorm]
+    if cast is not None and weights is cast:
+        replaced.append(cast)
+    return {"topk": topk, "raw": raw, "k": k, "renorm": renorm is not None, "weights": weights, "ids": ids,
+            "probs": probs, "like_users": like_users, "replaced": replaced}
+
+
+def _metadata(node: torch.fx.Node) -> tuple:
+    val = node.meta["val"]
+    return tuple(val.shape), tuple(val.stride()), val.device
+
+
+def _rewrite(graph: torch.fx.Graph, m: dict, order: dict) -> None:
+    topk, raw, probs = m["topk"], m["raw"], m["probs"]
+    weight_dtype = m["weights"].meta["val"].dtype if m["weights"] is not None else torch.float32
+    args = (raw, m["k"], m["renorm"], weight_dtype)
+    fake = raw.meta["val"]
+    with fake.fake_mode if isinstance(fake, FakeTensor) else contextlib.nullcontext():
+        val = torch.ops.flagtree.moe_routing.default(fake, *args[1:])
+    with graph.inserting_before(topk):
+        routing = graph.call_function(torch.ops.flagtree.moe_routing.default, args)
+        routing.meta["val"] = val
+        for position, old in enumerate((m["weights"], m["ids"])):
+            new = graph.call_function(operator.getitem, (routing, position))
+            new.meta["val"] = val[position]
+            if old is not None:
+                old.replace_all_uses_with(new)
+    for like in m["like_users"]:
+        # full_like / zeros_like read only metadata: the (float32) probabilities' shape and dtype
+        like.replace_input_with(probs, raw)
+        like.update_kwarg("dtype", probs.meta["val"].dtype)
+    for node in sorted(m["replaced"], key=order.__getitem__, reverse=True):
+        graph.erase_node(node)
+
+
+def fuse_moe_routing(graph: torch.fx.Graph, ctx: PassContext) -> bool:
+    order = {node: position for position, node in enumerate(graph.nodes)}  # erase users first
+    matches = [m for node in list(graph.nodes) if is_op(node, aten.topk.default) for m in [_match(node)] if m]
+    for m in matches:
+        _rewrite(graph, m, order)
+    ctx.counters["fuse_moe_routing"] += len(matches)
+    return bool(matches)
+
