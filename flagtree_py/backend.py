@@ -27,7 +27,10 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     graph_name = f"graph_{next(_GRAPH_IDS)}"
 
     def forward_compiler(aten_gm, aten_inputs):
-        return safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name)
+        # aten_inputs are fake tensors; Dynamo's example_inputs are the real ones (parameters
+        # included, in the same order when AOTAutograd added or removed none): the layout passes
+        # need the real parameters
+        return safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name, real_inputs=example_inputs)
 
     def backward_compiler(aten_gm, aten_inputs):
         # flagtree compiles inference; a backward (training) graph runs as plain aten

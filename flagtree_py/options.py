@@ -20,6 +20,7 @@ class CompileOptions:
     cache: bool = True  # reuse compiled graphs across processes (flagtree_py/cache)
     cache_dir: str | None = None  # default: FLAGTREE_CACHE_DIR, else the platform's user cache dir
     cache_max_bytes: int = 4 << 30  # least recently used entries are evicted beyond this size
+    merge_projections: bool = True  # q/k/v and gate/up projections -> one GEMM (parameters re-laid out)
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -50,5 +51,6 @@ class CompileOptions:
 
     def hash(self) -> str:
         """Only what changes generated code (neither the dump nor the cache settings do)."""
-        fields = {"target": self.target, "fallback": self.fallback, "poison_outputs": self.poison_outputs}
+        fields = {"target": self.target, "fallback": self.fallback, "poison_outputs": self.poison_outputs,
+                  "merge_projections": self.merge_projections}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -4,7 +4,10 @@
                             dynamic sizes kept as sympy symbols
     canonicalize            dead code, common subexpressions, splits into slices, views that do nothing
     fuse                    LLM patterns (RMSNorm, add+RMSNorm, q/k norm+RoPE, RoPE, SwiGLU) stamped,
-                            counted, and each kept in one kernel by the partitioner
+                            counted, and each kept in one kernel by the partitioner; MoE routing
+                            rewritten into one op with a kernel template of its own
+    layout                  q/k/v and gate/up projections reading one input -> one GEMM; their
+                            parameters are then laid back to back in one buffer (held once)
     partition               fusion groups on a networkx DAG (vertical fusion, no cycles)
     lower                   each group -> a Triton kernel from a Jinja2 template (codegen/),
                             shaped by the target's tile tables; the rest stays extern aten
@@ -41,10 +44,13 @@ from flagtree_py.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
 from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
 from flagtree_py.passes.fuse_rope import fuse_rope
 from flagtree_py.passes.fuse_silu_mul import fuse_silu_mul
+from flagtree_py.passes.merge_gate_up import merge_gate_up
+from flagtree_py.passes.merge_qkv import merge_qkv
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
 from flagtree_py.runtime.loader import bind_kernels, load_module
+from flagtree_py.runtime.merged_weights import colocate
 from flagtree_py.targets import select_target
 
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
@@ -61,15 +67,23 @@ CANONICALIZE = [
 FUSE = [fuse_qk_norm_rope, fuse_add_rms_norm, fuse_rms_norm, fuse_rope, fuse_silu_mul,
         fuse_moe_routing]  # rewrites its instances into one flagtree::moe_routing node (own template)
 
+#: layout: parallel projections -> one GEMM (needs the real parameters: PassContext.parameters)
+LAYOUT = [merge_qkv, merge_gate_up]
+
 _MODULE_DIR = Path(tempfile.gettempdir()) / "flagtree_modules"
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions, graph_name: str):
-    """Compile one aten inference graph; returns a boxed callable `call(args)`."""
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions, graph_name: str,
+                  real_inputs: list | None = None):
+    """Compile one aten inference graph; returns a boxed callable `call(args)`.
+
+    `real_inputs`: the real tensors behind the graph's placeholders, where the caller has them
+    (backend.py: Dynamo's example inputs); the layout passes merge only real parameters.
+    """
     start = time.perf_counter()
     device_type = _device_type(example_inputs)
     target, reason = select_target(options.target, device_type)
-    ctx = PassContext(options)
+    ctx = PassContext(options, parameters=_real_parameters(gm, real_inputs))
     record = {
         "graph": graph_name,
         "target": target.name,
@@ -83,20 +97,26 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         record["kernel_failures"].append({"kernel": kernel, "error": error})
 
     cache = KernelCache(options.cache_dir or default_cache_dir()) if options.cache else None
-    key = cache_key(gm, target.hash(), options.hash()) if cache else None
+    # which inputs are parameters decides what the layout passes may merge: part of the key
+    parameter_positions = _placeholder_positions(gm, ctx.parameters)
+    key = cache_key(gm, target.hash(), f"{options.hash()} parameters {parameter_positions}") if cache else None
     record["cache_key"] = key
     if cache is not None:
         entry, problem = cache.load(key)
         if entry is not None:
+            _colocate(entry.meta.get("colocated_inputs", []), gm, ctx.parameters)
             return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
         record["cache"] = "off"
 
     graph = gm.graph
-    for fn in CANONICALIZE + FUSE:
+    for fn in CANONICALIZE + FUSE + LAYOUT:
         fn(graph, ctx)
     gm.recompile()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    colocated = [[placeholders.index(n) for n in merge] for merge in ctx.merged_parameters]
+    _colocate(colocated, gm, ctx.parameters)
     partition = partition_fusion_groups(graph, device_type)
     ctx.counters["partition_fusion_groups"] += len(partition.groups)
     writer = ModuleWriter(gm, partition, target, graph_name, device_type)
@@ -124,6 +144,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
                 "graph": graph_name, "target": target.name, "target_hash": target.hash(),
                 "kernels": [k.name for k in generated.kernels], "externs": externs,
                 "constants": generated.constant_targets, "record": _cacheable(record),
+                "colocated_inputs": colocated,
                 "aten_graph": str(graph), "partition": partition_text,
             })
             if stored is not None:
@@ -132,6 +153,36 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     call = module.call
     call._boxed_call = True
     return call
+
+
+def _real_parameters(gm: torch.fx.GraphModule, real_inputs: list | None) -> dict:
+    """placeholder -> real nn.Parameter, when `real_inputs` provably line up with the placeholders
+    (same count, and every tensor's dtype and rank agree with the placeholder's fake value)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if real_inputs is None or len(real_inputs) != len(placeholders):
+        return {}
+    for node, real in zip(placeholders, real_inputs):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) != isinstance(real, torch.Tensor):
+            return {}
+        if isinstance(val, torch.Tensor) and (val.dtype != real.dtype or val.dim() != real.dim()):
+            return {}
+    return {node: real for node, real in zip(placeholders, real_inputs)
+            if isinstance(real, torch.nn.Parameter) and tuple(real.shape) == tuple(node.meta["val"].shape)}
+
+
+def _placeholder_positions(gm: torch.fx.GraphModule, nodes) -> list[int]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, n in enumerate(placeholders) if n in nodes]
+
+
+def _colocate(merges: list[list[int]], gm: torch.fx.GraphModule, parameters: dict) -> None:
+    """Lay each merge's parameters back to back in one buffer (runtime/merged_weights.py)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for positions in merges:
+        parts = [parameters.get(placeholders[i]) for i in positions]
+        if all(p is not None for p in parts):
+            colocate(parts)
 
 
 def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure):
@@ -238,10 +289,10 @@ def _dump(directory: Path, graph_name: str, graph_text: str, partition_text: str
     (directory / f"{graph_name}.partition.txt").write_text(partition_text)
 
 
-def safe_compile_graph(gm, example_inputs, options: CompileOptions, graph_name: str):
+def safe_compile_graph(gm, example_inputs, options: CompileOptions, graph_name: str, real_inputs: list | None = None):
     """compile_graph, but a compiler bug costs speed, not the user's run: fall back to eager."""
     try:
-        return compile_graph(gm, example_inputs, options, graph_name)
+        return compile_graph(gm, example_inputs, options, graph_name, real_inputs)
     except Exception as error:
         if not options.fallback:
             raise

@@ -125,7 +125,11 @@ class ModuleWriter:
             return f"torch.ops.{namespace}.{packet}.{target._overloadname}"
         if target is operator.getitem:
             return "operator.getitem"
-        name = f"extern_{len(self.out.extern_targets)}"
+        for name, known in self.out.extern_targets.items():
+            if known is target:
+                return name
+        label = getattr(target, "__name__", "")
+        name = f"{label if label.isidentifier() else 'extern'}_{len(self.out.extern_targets)}"
         self.out.extern_targets[name] = target
         return name
 

@@ -12,3 +12,7 @@ from flagtree_py.options import CompileOptions
 class PassContext:
     options: CompileOptions
     counters: Counter = field(default_factory=Counter)
+    #: placeholder -> the real nn.Parameter behind it (empty when the pipeline could not tell)
+    parameters: dict = field(default_factory=dict)
+    #: placeholders whose parameters the pipeline must lay back to back in one buffer, per merge
+    merged_parameters: list = field(default_factory=list)

@@ -90,9 +90,14 @@ def test_step3_form_without_renormalisation_keeps_the_zeros_like():
     assert torch.equal(out, route(logits))
 
 
-@pytest.mark.parametrize("case", ["smallest", "other_dim", "probs_used", "unsorted"])
+@pytest.mark.parametrize("case", ["smallest", "other_dim", "probs_used", "unsorted", "half_softmax"])
 def test_not_the_routing_pattern_is_left_alone(case):
+    """half_softmax: the softmax computed in float16 (a dtype mismatch: the fused op computes in
+    float32, so it would not round where eager does)."""
+
     def route(logits):
+        if case == "half_softmax":
+            logits = logits.half()
         probs = torch.softmax(logits, dim=-1 if case != "other_dim" else 0)
         if case == "smallest":
             return torch.topk(probs, 2, dim=-1, largest=False)
@@ -104,5 +109,6 @@ def test_not_the_routing_pattern_is_left_alone(case):
     logits = torch.randn(4, 8)
     out, record = _compile(route, logits)
     assert record["passes"]["fuse_moe_routing"] == 0
-    for got, want in zip(out if isinstance(out, tuple) else (out,), (lambda r: r if isinstance(r, tuple) else (r,))(route(logits))):
-        assert torch.allclose(got.float(), want.float(), atol=1e-6)
+    ref = route(logits)
+    for got, want in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        assert torch.allclose(got.float(), want.float(), atol=1e-6 if case != "half_softmax" else 1e-3)

@@ -41,6 +41,9 @@ def test_qwen3_family_patterns(preset, dtype):
     assert passes["fuse_qk_norm_rope"] == 2 * L  # q and k of each layer, one kernel each
     assert passes["fuse_rope"] == 0  # every rotary follows a q/k norm
     assert passes["fuse_moe_routing"] == (0 if preset == "qwen3" else L)  # every MoE layer's router
+    assert passes["merge_qkv"] == L
+    # the MoE experts' gate/up is one stacked parameter already (transformers' gate_up_proj)
+    assert passes["merge_gate_up"] == (L if preset == "qwen3" else 0)
 
 
 @pytest.mark.slow
@@ -53,6 +56,8 @@ def test_step3_patterns():
     assert passes["fuse_qk_norm_rope"] == 0  # Step3 has no per-head q/k norm
     assert passes["fuse_rope"] == 2 * L  # rotary on q and on the shared k head
     assert passes["fuse_moe_routing"] == 1  # the router of the MoE layer (layer 1)
+    assert passes["merge_qkv"] == 0  # Step3's q/k/v is one qkv_proj already
+    assert passes["merge_gate_up"] == 2  # layer 0's MLP and layer 1's shared expert
 
 
 def test_norm_eps_may_be_a_runtime_scalar_but_not_a_vector():
