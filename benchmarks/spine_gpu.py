@@ -9,6 +9,10 @@ MoE models: a token whose router probabilities nearly tie at the top-k boundary 
 different expert after an allowed rounding difference; positions beyond the bound pass only if
 every one of them is such a near-tie (relative gap < NEAR_TIE), and they are listed in the JSON.
 
+The pattern and layout counters are checked too (EXPECTED_PASSES: the issue's check list, per
+model), and so is the merged projections' memory: the model's unique parameter storages hold the
+same bytes after compiling as before (merged weights are views, not copies).
+
 The real-shape layer is also timed (median of CUDA-event timings, `triton.testing.do_bench`) for
 eager, TorchInductor (default mode) and flagtree in the same run. These are spine figures:
 GEMMs and attention are still aten here (the kernels issue replaces them).
@@ -31,6 +35,38 @@ import flagtree_py
 from flagtree_py.models import build_model, real_config, tiny_config
 
 PRESETS = ["qwen3", "qwen3-30b-a3b", "qwen3-omni", "step3"]
+
+# The counters each model's graph must show. "norms" is fuse_rms_norm + fuse_add_rms_norm (2L+1 for
+# L layers; Step3 adds its low-rank query norm per layer). The tiny models have L = 2; Step3's
+# layer 0 is dense and layer 1 MoE (routed experts plus a shared expert).
+_QWEN3_MOE = {"norms": 5, "fuse_silu_mul": 2, "fuse_qk_norm_rope": 4, "fuse_moe_routing": 2, "merge_qkv": 2,
+              "merge_gate_up": 0}
+EXPECTED_PASSES = {
+    "qwen3": {"norms": 5, "fuse_silu_mul": 2, "fuse_qk_norm_rope": 4, "fuse_moe_routing": 0, "merge_qkv": 2,
+              "merge_gate_up": 2},
+    "qwen3-30b-a3b": _QWEN3_MOE,
+    "qwen3-omni": _QWEN3_MOE,
+    "step3": {"norms": 7, "fuse_silu_mul": 3, "fuse_rope": 4, "fuse_moe_routing": 1, "merge_qkv": 0, "merge_gate_up": 2},
+    "qwen3-8b-layer": {"norms": 3, "fuse_silu_mul": 1, "fuse_qk_norm_rope": 2, "merge_qkv": 1, "merge_gate_up": 1},
+}
+
+
+def check_passes(name: str, records: list[dict]) -> dict:
+    """Expected vs found counters in every graph of the model (each is the whole model)."""
+    expected = EXPECTED_PASSES[name.split(" ")[0]]
+    wrong = {}
+    for record in records:
+        found = dict(record.get("passes", {}))
+        found["norms"] = found.get("fuse_rms_norm", 0) + found.get("fuse_add_rms_norm", 0)
+        for key, value in expected.items():
+            if found.get(key, 0) != value:
+                wrong[f"{record.get('graph')}:{key}"] = {"expected": value, "found": found.get(key, 0)}
+    return {"passes_expected": expected, "passes_wrong": wrong, "passes_ok": bool(records) and not wrong}
+
+
+def unique_storage_bytes(model) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    return sum(storages.values())
 
 
 def compare(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -90,6 +126,7 @@ def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool)
     result: dict = {"model": name, "num_layers": num_layers}
     model32 = build_model(config, dtype=torch.float32, device="cuda", num_layers=num_layers, seed=0)
     model16 = copy.deepcopy(model32).to(torch.bfloat16)  # the very same weights, rounded
+    bytes_before = unique_storage_bytes(model16)
     compiled = torch.compile(model16, backend="flagtree", dynamic=True)
     checks = []
     with torch.no_grad():
@@ -121,12 +158,18 @@ def run_model(name: str, config, num_layers: int | None, lengths, time_it: bool)
     # agreement proves nothing if flagtree did not compile: a graph that fell back to eager fails
     result["compiled_by_flagtree"] = bool(records) and all(
         not r.get("fallback") and r.get("triton_kernels", 0) > 0 and not r.get("kernel_failures") for r in records)
-    result["passed"] = all(c["passed"] for c in checks) and result["compiled_by_flagtree"]
+    result.update(check_passes(name, records))
+    # merged projections are views of one buffer per merge: the parameters are not held twice
+    result["parameter_bytes_before_compile"] = bytes_before
+    result["parameter_bytes_after_compile"] = unique_storage_bytes(model16)
+    result["parameters_held_once"] = result["parameter_bytes_after_compile"] == bytes_before
+    result["passed"] = (all(c["passed"] for c in checks) and result["compiled_by_flagtree"] and result["passes_ok"]
+                        and result["parameters_held_once"])
     result["graphs"] = [
         {k: r.get(k) for k in ("graph", "target", "target_reason", "executor", "triton_kernels", "lowered_fraction",
                                "work_nodes", "codegen_fallbacks", "kernel_failures", "compile_s", "dynamic_symbols",
                                "fusions_split", "cache")}
-        | {"fusion_passes": {k: v for k, v in r.get("passes", {}).items() if k.startswith("fuse_")}}
+        | {"fusion_passes": {k: v for k, v in r.get("passes", {}).items() if k.startswith(("fuse_", "merge_"))}}
         | {"extern_ops": sorted(set(r.get("extern_ops", [])))}
         for r in records
     ]

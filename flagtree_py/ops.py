@@ -29,3 +29,16 @@ def moe_routing(logits: torch.Tensor, top_k: int, renormalize: bool, weight_dtyp
 def _(logits, top_k, renormalize, weight_dtype):
     shape = (*logits.shape[:-1], top_k)
     return logits.new_empty(shape, dtype=weight_dtype), logits.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("flagtree::moe_routing_dense", mutates_args=())
+def moe_routing_dense(logits: torch.Tensor, top_k: int, renormalize: bool, weight_dtype: torch.dtype) -> torch.Tensor:
+    """`moe_routing` scattered into a dense [..., experts] matrix: the top-k weights in place, zeros
+    elsewhere (Step3's `zeros_like(probs).scatter(-1, ids, weights)`), cast to `weight_dtype`."""
+    weights, ids = moe_routing(logits, top_k, renormalize, torch.float32)
+    return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter(-1, ids, weights).to(weight_dtype)
+
+
+@moe_routing_dense.register_fake
+def _(logits, top_k, renormalize, weight_dtype):
+    return logits.new_empty(logits.shape, dtype=weight_dtype)

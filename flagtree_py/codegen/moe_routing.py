@@ -1,4 +1,4 @@
-"""The kernel of `flagtree::moe_routing` (see passes/fuse_moe_routing.py): one program holds
+"""The kernel of `flagtree::moe_routing` and `moe_routing_dense` (passes/fuse_moe_routing.py): one program holds
 XBLOCK whole rows of router logits, so the softmax, the k rounds of top-k and the renormalisation
 never leave registers. Rendered from templates/moe_routing.py.jinja.
 
@@ -33,6 +33,7 @@ class TemplateKernel:
 def lower_moe_routing(node: torch.fx.Node, name: str, templates, target, arg, int64: bool) -> TemplateKernel:
     """`arg(value)` prints a wrapper-side value (sizes may be symbolic)."""
     logits, top_k, renormalize, weight_dtype = node.args
+    dense = node.target is torch.ops.flagtree.moe_routing_dense.default
     val = logits.meta["val"]
     experts = val.shape[-1]
     strides = val.stride()
@@ -46,27 +47,32 @@ def lower_moe_routing(node: torch.fx.Node, name: str, templates, target, arg, in
     source = templates.get_template("moe_routing.py.jinja").render(
         name=name, top_k=top_k, experts=experts, renormalize=renormalize, int64=int64,
         weight_dtype=str(weight_dtype).replace("torch.", ""), weight_triton=triton_dtype(weight_dtype),
-        load_offset=indexing.pexpr(x * strides[0] + r * strides[1]), xdesc=indexing.pexpr(rows),
+        load_offset=indexing.pexpr(x * strides[0] + r * strides[1]), xdesc=indexing.pexpr(rows), dense=dense,
+        store_offset=indexing.pexpr(x * experts + r),
     )
+    outputs = ["out_ptr0"] if dense else ["out_ptr0", "out_ptr1"]
+    op = "moe_routing_dense" if dense else "moe_routing"
     fallback = [
-        f"def {name}_fallback(in_ptr0, out_ptr0, out_ptr1, xnumel):",
+        f"def {name}_fallback(in_ptr0, {', '.join(outputs)}, xnumel):",
         f'    """{name} with aten ops: used if the kernel fails to build or run."""',
-        f"    weights, ids = torch.ops.flagtree.moe_routing.default(in_ptr0, {top_k}, {renormalize}, {weight_dtype})",
-        "    out_ptr0.copy_(weights)",
-        "    out_ptr1.copy_(ids)",
+        f"    result = torch.ops.flagtree.{op}.default(in_ptr0, {top_k}, {renormalize}, {weight_dtype})",
     ]
-    weights = node.meta["val"][0]
+    fallback += ["    out_ptr0.copy_(result)"] if dense else ["    out_ptr0.copy_(result[0])", "    out_ptr1.copy_(result[1])"]
+    weights = node.meta["val"] if dense else node.meta["val"][0]
     shape, stride = arg(tuple(weights.shape)), arg(tuple(weights.stride()))
+    if dense and tuple(weights.stride()) != (experts, 1):
+        raise LoweringError(f"{node.name}: the dense routing matrix must be contiguous")
     device = arg(weights.device)
     xnumel = arg(val.shape[0])
     meta = {"XBLOCK": tile.XBLOCK, "RBLOCK": tile.RBLOCK, "num_warps": target.num_warps(tile.threads)}
-    call = [
-        f"# {name}: {node.name} (router softmax -> top-{top_k} -> weights, expert ids)",
-        f"{node.name}_weights = empty_strided({shape}, {stride}, dtype={weight_dtype}, device={device})",
-        f"{node.name}_ids = empty_strided({shape}, {stride}, dtype=torch.int64, device={device})",
-        (f"run({name}, (cdiv({xnumel}, {tile.XBLOCK}),), {logits.name}, {node.name}_weights, {node.name}_ids, "
-         f"{xnumel}, {', '.join(f'{k}={v}' for k, v in meta.items())})"),
-        f"{node.name} = ({node.name}_weights, {node.name}_ids)",
-    ]
+    buffers = [f"{node.name}"] if dense else [f"{node.name}_weights", f"{node.name}_ids"]
+    dtypes = [weight_dtype] if dense else [weight_dtype, torch.int64]
+    what = "dense routing weights" if dense else "weights, expert ids"
+    call = [f"# {name}: {node.name} (router softmax -> top-{top_k} -> {what})"]
+    call += [f"{b} = empty_strided({shape}, {stride}, dtype={d}, device={device})" for b, d in zip(buffers, dtypes)]
+    call.append(f"run({name}, (cdiv({xnumel}, {tile.XBLOCK}),), {logits.name}, {', '.join(buffers)}, "
+                f"{xnumel}, {', '.join(f'{k}={v}' for k, v in meta.items())})")
+    if not dense:
+        call.append(f"{node.name} = ({node.name}_weights, {node.name}_ids)")
     return TemplateKernel(name, source + "\n\n" + "\n".join(fallback), call,
                           {**meta, "persistent": True, "index_dtype": "int64" if int64 else "int32"})

@@ -28,7 +28,8 @@ from flagtree_py.codegen.moe_routing import lower_moe_routing
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 #: flagtree ops a fusion pass put in the graph, each lowered by a template of its own
-_TEMPLATE_LOWERINGS = {torch.ops.flagtree.moe_routing.default: lower_moe_routing}
+_TEMPLATE_LOWERINGS = {torch.ops.flagtree.moe_routing.default: lower_moe_routing,
+                       torch.ops.flagtree.moe_routing_dense.default: lower_moe_routing}
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
     keep_trailing_newline=True,

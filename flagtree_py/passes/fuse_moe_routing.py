@@ -5,7 +5,8 @@ The graph forms (all with the softmax decomposed to amax/sub/exp/sum/div, see de
   Qwen3-MoE / Qwen3-Omni thinker  softmax(logits, dtype=float32) -> topk -> values / values.sum(-1)
                                   -> .to(logits.dtype)   (renormalised when norm_topk_prob)
   Step3 (models/step3.py)         softmax(logits.to(float32)) -> topk -> [values / values.sum(-1)]
-                                  -> scatter into zeros_like(probs)
+                                  -> scatter into zeros_like(probs) -> .to(dtype): the dense routing
+                                  matrix, one `flagtree::moe_routing_dense` node (scatter included)
 Unlike the other fusions this one rewrites the graph instead of stamping it: top-k does not fit
 the row/element model of the generic kernels (it has k outputs per row of E inputs).
 """
@@ -96,17 +97,35 @@ def _match(topk: torch.fx.Node) -> dict | None:
     values, ids = getitems.get(0), getitems.get(1)
     renorm = _renormalised(values) if values is not None else None
     weights = renorm if renorm is not None else values
-    cast = single_user(weights, *CASTS) if weights is not None else None
-    if cast is not None and cast.meta["val"].dtype.is_floating_point:
-        weights = cast
     replaced = [x] if raw is not x else []
     replaced += [*softmax_nodes, topk, *getitems.values()]
     if renorm is not None:
         replaced += [renorm.args[1], renorm]
-    if cast is not None and weights is cast:
+    scatter = _dense_scatter(weights, ids, like_users)
+    if scatter is not None:
+        replaced += [*like_users, scatter]
+        like_users, weights, ids = [], scatter, None
+    cast = single_user(weights, *CASTS) if weights is not None else None
+    if cast is not None and cast.meta["val"].dtype.is_floating_point:
         replaced.append(cast)
+        weights = cast
     return {"topk": topk, "raw": raw, "k": k, "renorm": renorm is not None, "weights": weights, "ids": ids,
-            "probs": probs, "like_users": like_users, "replaced": replaced}
+            "probs": probs, "like_users": like_users, "replaced": replaced, "dense": scatter is not None}
+
+
+def _dense_scatter(weights, ids, like_users) -> torch.fx.Node | None:
+    """zeros_like(probs).scatter(-1, ids, weights), when the top-k results are used for nothing else."""
+    if weights is None or ids is None or len(like_users) != 1 or len(weights.users) != 1 or len(ids.users) != 1:
+        return None
+    zeros, scatter = like_users[0], next(iter(weights.users))
+    if not (is_op(zeros, aten.full_like.default) and zeros.args[1] == 0 and len(zeros.users) == 1):
+        return None
+    if not is_op(scatter, aten.scatter.src) or scatter.args[0] is not zeros or scatter.args[2] is not ids:
+        return None
+    if scatter.args[1] not in (-1, 1) or scatter.args[3] is not weights or scatter.kwargs:
+        return None
+    val = scatter.meta["val"]
+    return scatter if tuple(val.stride()) == (val.shape[1], 1) else None  # the kernel stores it contiguous
 
 
 def _metadata(node: torch.fx.Node) -> tuple:
@@ -118,13 +137,16 @@ def _rewrite(graph: torch.fx.Graph, m: dict, order: dict) -> None:
     topk, raw, probs = m["topk"], m["raw"], m["probs"]
     weight_dtype = m["weights"].meta["val"].dtype if m["weights"] is not None else torch.float32
     args = (raw, m["k"], m["renorm"], weight_dtype)
+    op = torch.ops.flagtree.moe_routing_dense.default if m["dense"] else torch.ops.flagtree.moe_routing.default
     fake = raw.meta["val"]
     with fake.fake_mode if isinstance(fake, FakeTensor) else contextlib.nullcontext():
-        val = torch.ops.flagtree.moe_routing.default(fake, *args[1:])
+        val = op(fake, *args[1:])
     with graph.inserting_before(topk):
-        routing = graph.call_function(torch.ops.flagtree.moe_routing.default, args)
+        routing = graph.call_function(op, args)
         routing.meta["val"] = val
-        for position, old in enumerate((m["weights"], m["ids"])):
+        if m["dense"]:
+            m["weights"].replace_all_uses_with(routing)
+        for position, old in enumerate(() if m["dense"] else (m["weights"], m["ids"])):
             new = graph.call_function(operator.getitem, (routing, position))
             new.meta["val"] = val[position]
             if old is not None:

@@ -76,18 +76,39 @@ def test_ties_go_to_the_lowest_expert_index():
     assert torch.allclose(weights[0], torch.full((3,), 1 / 8))
 
 
-def test_step3_form_without_renormalisation_keeps_the_zeros_like():
-    """Step3's router: softmax(logits.to(float32)) -> topk -> scatter into zeros_like(probs)."""
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_step3_dense_form_is_one_kernel_scatter_included(renormalize):
+    """Step3's router: softmax(logits.to(float32)) -> topk -> [renormalise] -> scatter into
+    zeros_like(probs) -> cast: one kernel storing the dense [tokens, experts] routing matrix."""
 
     def route(logits):
         probs = torch.softmax(logits.to(torch.float32), dim=-1)
         values, ids = torch.topk(probs, 3, dim=-1)
+        if renormalize:
+            values = values / values.sum(dim=-1, keepdim=True)
         return torch.zeros_like(probs).scatter(-1, ids, values).to(logits.dtype)
 
     logits = torch.randn(6, 16, dtype=torch.float16)
     out, record = _compile(route, logits)
     assert record["passes"]["fuse_moe_routing"] == 1
-    assert torch.equal(out, route(logits))
+    assert record["triton_kernels"] == 1 and record["extern_ops"] == []
+    ref = route(logits)
+    assert out.dtype == torch.float16 and torch.equal(out != 0, ref != 0)  # the same experts
+    # both sides round the same fp32 weights to fp16 once: at most one fp16 ulp (2**-10 relative)
+    assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2**-10).all()
+
+
+def test_dense_form_is_not_taken_when_the_ids_are_read_elsewhere():
+    def route(logits):
+        probs = torch.softmax(logits, dim=-1)
+        values, ids = torch.topk(probs, 2, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, ids, values), ids * 2
+
+    logits = torch.randn(6, 16)
+    (dense, ids2), record = _compile(route, logits)
+    ref_dense, ref_ids2 = route(logits)
+    assert record["passes"]["fuse_moe_routing"] == 1 and "aten.scatter.src" in record["extern_ops"]
+    assert torch.equal(ids2, ref_ids2) and torch.allclose(dense, ref_dense, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["smallest", "other_dim", "probs_used", "unsorted", "half_softmax"])
