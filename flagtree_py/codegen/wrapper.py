@@ -8,6 +8,7 @@ aten ops, used if the kernel fails to build or run.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -20,16 +21,24 @@ import torch
 import torch.fx
 
 from flagtree_py.codegen import indexing
+from flagtree_py.codegen.check_kernel import check_kernel
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
-_TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
-    keep_trailing_newline=True,
-    undefined=jinja2.StrictUndefined,
-)
+_GENERIC_TEMPLATES = Path(__file__).parent / "templates"
+
+
+@functools.cache
+def template_environment(target_dir: str | None) -> jinja2.Environment:
+    """Templates for a target: its own directory first (a vendor variant), then the generic ones."""
+    loaders = [jinja2.FileSystemLoader(target_dir)] if target_dir else []
+    return jinja2.Environment(
+        loader=jinja2.ChoiceLoader([*loaders, jinja2.FileSystemLoader(str(_GENERIC_TEMPLATES))]),
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
 @dataclass
@@ -53,6 +62,7 @@ class GeneratedModule:
     extern_targets: dict = field(default_factory=dict)  # name -> callable for non-aten externs
     constants: dict = field(default_factory=dict)  # name -> tensor (get_attr)
     constant_targets: dict = field(default_factory=dict)  # name -> the GraphModule attribute it reads
+    kernel_checks: list[dict] = field(default_factory=list)  # kernels re-lowered or left to aten by check_kernel
 
 
 class ModuleWriter:
@@ -268,18 +278,18 @@ class ModuleWriter:
             lines = [header + " (aten: " + str(error).replace("\n", " ")[:120] + ")"]
             lines += [self.call_line(n) for n in subgraph]
             return None, lines
-        self.out.lowered_nodes += sum(1 for n in group.members if self.kinds[n] != "view")
-        config = self._config(spec)
         spec.comment = [f"computes: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}",
                         f"stores: {', '.join(n.name for n in stored)}"]
-        template = _TEMPLATES.get_template(f"{spec.kind}.py.jinja")
+        template = template_environment(self.target.template_dir).get_template(f"{spec.kind}.py.jinja")
         kernel_source = template.render(k=spec)
+        launch_meta = self._checked_launch(spec, kernel_source)
+        if launch_meta is None:  # no config of the target's tables passes its checks: aten it is
+            reason = "; ".join(self.out.kernel_checks[-1]["problems"])
+            self.out.codegen_fallbacks.append({"group": group.name, "reason": f"check_kernel: {reason}"})
+            return None, [header + " (aten: check_kernel)"] + [self.call_line(n) for n in subgraph]
+        self.out.lowered_nodes += sum(1 for n in group.members if self.kinds[n] != "view")
         fallback = self._fallback_source(spec, subgraph, stored, builder)
-        launch_meta = {k: v for k, v in config.items() if k == "XBLOCK" or (k == "RBLOCK" and spec.kind == "reduction")}
-        launch_meta["num_warps"] = self.target.num_warps(config["threads"])
-        if config.get("num_stages", 1) != 1:
-            launch_meta["num_stages"] = config["num_stages"]
-        grid = f"cdiv({spec.xnumel}, {config['XBLOCK']})"
+        grid = f"cdiv({spec.xnumel}, {launch_meta['XBLOCK']})"
         meta = ", ".join(f"{k}={v}" for k, v in launch_meta.items())
         call = [header] + [self.allocation(n) for n in stored]
         call.append(f"run({spec.name}, ({grid},), {', '.join(spec.launch_args)}, {meta})")
@@ -296,13 +306,39 @@ class ModuleWriter:
                 return True
         return not indexing.numel(group.full_shape).is_Integer
 
-    def _config(self, spec) -> dict:
+    def _tile(self, spec):
         if spec.kind == "pointwise":
             hint = int(sympy.sympify(spec.xnumel)) if sympy.sympify(spec.xnumel).is_Integer else None
-            tile = self.target.pointwise_config(hint)
-        else:
-            tile = self.target.reduction_config(spec.static_rnumel, spec.persistent)
-        return {"XBLOCK": tile.XBLOCK, "RBLOCK": tile.RBLOCK, "threads": tile.threads, "num_stages": tile.num_stages}
+            return self.target.pointwise_config(hint)
+        return self.target.reduction_config(spec.static_rnumel, spec.persistent)
+
+    def _launch_meta(self, spec, tile) -> dict:
+        meta = {"XBLOCK": tile.XBLOCK}
+        if spec.kind == "reduction":
+            meta["RBLOCK"] = tile.RBLOCK
+        meta["num_warps"] = self.target.num_warps(tile.threads)
+        if tile.num_stages != 1:
+            meta["num_stages"] = tile.num_stages
+        return meta
+
+    def _checked_launch(self, spec, kernel_source: str) -> dict | None:
+        """The launch meta of the first tile, from the target's table down its safer configs, that passes
+        check_kernel; None if none does (a language problem never passes: the source is the same)."""
+        tile, first_problems = self._tile(spec), None
+        while tile is not None:
+            meta = self._launch_meta(spec, tile)
+            problems = check_kernel(kernel_source, {**meta, "kind": spec.kind}, self.target)
+            if not problems:
+                if first_problems:
+                    self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems,
+                                                   "action": f"re-lowered with {meta}"})
+                return meta
+            first_problems = first_problems or [str(p) for p in problems]
+            if any(p.kind in ("language", "feature", "syntax") for p in problems):
+                break
+            tile = self.target.safer_config(tile)
+        self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems, "action": "aten fallback"})
+        return None
 
     def _group_subgraph(self, group, buffers):
         """The nodes to run with aten for this group, and the buffers they read."""
