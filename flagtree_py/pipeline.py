@@ -147,7 +147,8 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     constants = {name: getattr(gm, attribute) for name, attribute in meta["constants"].items()}
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(entry.module_source, directory, graph_name)
-    binaries = entry.binaries(_device_arch()) if device_type == "cuda" else {}
+    arch = _device_arch() if device_type == "cuda" else None
+    binaries = entry.binaries(arch) if arch else {}
     bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
                  externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs,
                  binaries=binaries, on_compile=on_compile)
@@ -172,8 +173,11 @@ def _cacheable(record: dict) -> dict:
     return {k: record[k] for k in _CACHED_FIELDS if k in record} | {"compile_s_cold": record["compile_s"]}
 
 
-def _device_arch() -> str:
-    """This GPU's architecture as binaries in cache entries name it: "sm90" on an H100."""
+def _device_arch() -> str | None:
+    """This GPU's architecture as binaries in cache entries name it: "sm90" on an H100; None with no
+    GPU (`flagtree compile` traces "cuda" graphs on fake tensors)."""
+    if not torch.cuda.is_available():
+        return None
     major, minor = torch.cuda.get_device_capability()
     return f"sm{major}{minor}"
 
