@@ -11,7 +11,7 @@ def _compile(run_cli, cache_dir, target, *more):
     done = run_cli("compile", "qwen3", "--tiny", "--target", target, "--cache-dir", str(cache_dir), "--json", *more,
                    timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"compiling qwen3 (tiny) for " in done.stderr  # progress on stderr
+    assert "compiling qwen3 (tiny) for " in done.stderr  # progress on stderr
     return json.loads(done.stdout)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 import flagtree_py
@@ -59,7 +58,7 @@ def test_shared_memory_estimate_counts_tiles_bytes_and_stages():
 
 
 def test_every_in_tree_target_passes_its_checks_on_the_generated_kernels():
-    fn = lambda x, w: torch.nn.functional.rms_norm(x, (64,), w) * torch.sigmoid(x)  # noqa: E731
+    fn = lambda x, w: torch.nn.functional.rms_norm(x, (64,), w) * torch.sigmoid(x)
     x, w = torch.randn(5, 64), torch.randn(64)
     for name in registered_targets():
         torch._dynamo.reset()
@@ -90,7 +89,7 @@ def _compile_with(target, fn, *inputs):
 def test_reduction_over_the_shared_memory_limit_is_re_lowered_with_fewer_rows():
     # a 2 KiB chip: the table's XBLOCK for rows of 128 does not fit; halving rows until it does
     small = dataclasses.replace(get_target("metax"), name="tiny-smem", shared_memory_per_block=2048)
-    fn = lambda x: x.softmax(-1)  # noqa: E731
+    fn = lambda x: x.softmax(-1)
     x = torch.randn(40, 128)
     out, record = _compile_with(small, fn, x)
     assert record["kernel_checks"], "expected a re-lowered kernel"
@@ -108,7 +107,7 @@ def test_kernel_using_an_api_the_target_lacks_falls_back_to_aten(tmp_path):
         "@triton.jit\ndef {{ k.name }}({{ k.arguments | join(', ') }}, XBLOCK: tl.constexpr):\n"
         "    tl.assume(XBLOCK > 0)\n")
     old = dataclasses.replace(get_target("iluvatar"), name="old-language", template_dir=str(tmp_path))
-    fn = lambda x: torch.sigmoid(x) * 3  # noqa: E731
+    fn = lambda x: torch.sigmoid(x) * 3
     x = torch.randn(33)
     out, record = _compile_with(old, fn, x)
     assert record["triton_kernels"] == 0

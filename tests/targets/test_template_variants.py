@@ -13,7 +13,7 @@ from flagtree_py.targets import get_target
 def _looped_reduction(target: str):
     torch._dynamo.reset()
     flagtree_py.clear_report()
-    fn = lambda x: (x * x).sum(-1) + x.amax(-1)  # noqa: E731
+    fn = lambda x: (x * x).sum(-1) + x.amax(-1)
     x = torch.randn(3, 5000)  # dynamic rows: a looped reduction
     out = torch.compile(fn, backend="flagtree", options={"target": target, "cache": False}, dynamic=True)(x)
     (record,) = flagtree_py.report()
