@@ -130,7 +130,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
                 "graph": graph_name, "target": target.name, "target_hash": target.hash(),
                 "kernels": [k.name for k in generated.kernels], "externs": externs,
                 "constants": generated.constant_targets, "record": _cacheable(record),
-                "aten_graph": str(graph), "partition": partition_text,
+                "aten_graph": str(graph), "partition": partition_text, "versions": _versions(),
             })
             if stored is not None:
                 cache.evict(options.cache_max_bytes)
@@ -171,6 +171,18 @@ _CACHED_FIELDS = ("triton_kernels", "lowered_nodes", "work_nodes", "work_nodes_i
 
 def _cacheable(record: dict) -> dict:
     return {k: record[k] for k in _CACHED_FIELDS if k in record} | {"compile_s_cold": record["compile_s"]}
+
+
+def _versions() -> dict:
+    """The toolchain in the key, readable: why an entry built elsewhere is not hit here."""
+    import platform
+
+    import triton
+
+    import flagtree_py
+
+    return {"flagtree": flagtree_py.__version__, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version()}
 
 
 def _device_arch() -> str | None:
