@@ -30,7 +30,11 @@ _NOTES_33 = "Triton 3.3 release notes (tensor descriptors, experimental)"
 _NOTES_34 = "Triton 3.4 release notes (tensor descriptors public; warp specialization for Blackwell)"
 #: `tl.<name>` -> when it appeared. Only APIs newer than the oldest language level a target declares
 #: (3.0/3.1, FlagTree's MetaX and Iluvatar backends) need a row; older ones pass everywhere. Versions
-#: come from the release notes and the python/triton/language tree at each release tag.
+#: come from Triton's release notes. Cross-checked against FlagTree's Triton-3.1-based language
+#: (flagos-ai/FlagTree python/triton/language/__init__.py and core.py): it exports
+#: _experimental_descriptor_load/store, clamp, histogram, range(num_stages, loop_unroll_factor) and none
+#: of gather, dot_scaled, assume, make_tensor_descriptor, map_elementwise; the exact minor release of
+#: the newer rows (3.2 vs 3.3...) matters only to a target declaring a level between 3.1 and 3.6.
 TRITON_APIS: dict[str, TritonApi] = {
     "_experimental_descriptor_load": TritonApi((3, 0), "tma", "Triton 3.0: Hopper TMA, host-built descriptors"),
     "_experimental_descriptor_store": TritonApi((3, 0), "tma", "Triton 3.0: Hopper TMA, host-built descriptors"),

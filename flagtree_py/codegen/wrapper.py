@@ -28,6 +28,7 @@ from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 _GENERIC_TEMPLATES = Path(__file__).parent / "templates"
+_SOURCE_PROBLEMS = ("language", "feature", "syntax")  # check_kernel problems no other config can mend
 
 
 @functools.cache
@@ -265,28 +266,41 @@ class ModuleWriter:
         subgraph, externals = self._group_subgraph(group, buffers)
         stored = [n for n, _ in group.stores()]
         header = f"# {group.name}: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}"
-        try:
-            builder = KernelBuilder(group, buffers, _LOWERINGS, views, self.target.persistent_reduction_limit,
-                                    self.device_type)
-            for node in externals:  # what the aten fallback reads: the kernel takes it too
-                builder.add_input(node, buffers[node])
-            builder.symbols |= self._subgraph_symbols(subgraph)
-            index_dtype = "int64" if self._needs_int64(group) else "int32"
-            spec = builder.build(group.name, [], index_dtype)
-        except LoweringError as error:
-            self.out.codegen_fallbacks.append({"group": group.name, "reason": str(error)})
-            lines = [header + " (aten: " + str(error).replace("\n", " ")[:120] + ")"]
-            lines += [self.call_line(n) for n in subgraph]
-            return None, lines
-        spec.comment = [f"computes: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}",
-                        f"stores: {', '.join(n.name for n in stored)}"]
-        template = template_environment(self.target.template_dir).get_template(f"{spec.kind}.py.jinja")
-        kernel_source = template.render(k=spec)
-        launch_meta = self._checked_launch(spec, kernel_source)
+        first_problems = None
+        # a persistent reduction that no config of the target fits is lowered again as a looped one
+        for persistent_limit in (self.target.persistent_reduction_limit, 0):
+            try:
+                builder = KernelBuilder(group, buffers, _LOWERINGS, views, persistent_limit, self.device_type)
+                for node in externals:  # what the aten fallback reads: the kernel takes it too
+                    builder.add_input(node, buffers[node])
+                builder.symbols |= self._subgraph_symbols(subgraph)
+                index_dtype = "int64" if self._needs_int64(group) else "int32"
+                spec = builder.build(group.name, [], index_dtype)
+            except LoweringError as error:
+                reason = str(error) if first_problems is None else f"check_kernel: {'; '.join(first_problems)}"
+                self.out.codegen_fallbacks.append({"group": group.name, "reason": reason})
+                if first_problems is not None:
+                    self.out.kernel_checks.append({"kernel": group.name, "problems": first_problems,
+                                                   "action": "aten fallback"})
+                lines = [header + " (aten: " + reason.replace("\n", " ")[:120] + ")"]
+                lines += [self.call_line(n) for n in subgraph]
+                return None, lines
+            spec.comment = [f"computes: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}",
+                            f"stores: {', '.join(n.name for n in stored)}"]
+            template = template_environment(self.target.template_dir).get_template(f"{spec.kind}.py.jinja")
+            kernel_source = template.render(k=spec)
+            launch_meta, problems = self._checked_launch(spec, kernel_source)
+            first_problems = first_problems or problems
+            if launch_meta is not None or not spec.persistent or any(p.startswith(_SOURCE_PROBLEMS) for p in problems):
+                break
         if launch_meta is None:  # no config of the target's tables passes its checks: aten it is
-            reason = "; ".join(self.out.kernel_checks[-1]["problems"])
-            self.out.codegen_fallbacks.append({"group": group.name, "reason": f"check_kernel: {reason}"})
+            self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems, "action": "aten fallback"})
+            self.out.codegen_fallbacks.append({"group": group.name, "reason": f"check_kernel: {'; '.join(first_problems)}"})
             return None, [header + " (aten: check_kernel)"] + [self.call_line(n) for n in subgraph]
+        if first_problems:
+            how = "looped, " if persistent_limit == 0 else ""
+            self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems,
+                                           "action": f"re-lowered {how}with {launch_meta}"})
         self.out.lowered_nodes += sum(1 for n in group.members if self.kinds[n] != "view")
         fallback = self._fallback_source(spec, subgraph, stored, builder)
         grid = f"cdiv({spec.xnumel}, {launch_meta['XBLOCK']})"
@@ -321,24 +335,21 @@ class ModuleWriter:
             meta["num_stages"] = tile.num_stages
         return meta
 
-    def _checked_launch(self, spec, kernel_source: str) -> dict | None:
+    def _checked_launch(self, spec, kernel_source: str) -> tuple[dict | None, list[str]]:
         """The launch meta of the first tile, from the target's table down its safer configs, that passes
-        check_kernel; None if none does (a language problem never passes: the source is the same)."""
-        tile, first_problems = self._tile(spec), None
+        check_kernel (None if none does: a problem of the source itself never passes), and the problems
+        of the first tile tried."""
+        tile, first_problems = self._tile(spec), []
         while tile is not None:
             meta = self._launch_meta(spec, tile)
             problems = check_kernel(kernel_source, {**meta, "kind": spec.kind}, self.target)
             if not problems:
-                if first_problems:
-                    self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems,
-                                                   "action": f"re-lowered with {meta}"})
-                return meta
+                return meta, first_problems
             first_problems = first_problems or [str(p) for p in problems]
-            if any(p.kind in ("language", "feature", "syntax") for p in problems):
+            if any(p.kind in _SOURCE_PROBLEMS for p in problems):
                 break
-            tile = self.target.safer_config(tile)
-        self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems, "action": "aten fallback"})
-        return None
+            tile = self.target.safer_config(tile, row_split=spec.kind == "reduction" and not spec.persistent)
+        return None, first_problems
 
     def _group_subgraph(self, group, buffers):
         """The nodes to run with aten for this group, and the buffers they read."""

@@ -71,13 +71,16 @@ class TargetSpec:
         threads = min(threads, 8 * self.warp_size if self.warp_size == 32 else 4 * self.warp_size)
         return TileConfig(XBLOCK=xblock, RBLOCK=rblock, threads=_floor_power_of_2(threads))
 
-    def safer_config(self, tile: TileConfig) -> TileConfig | None:
+    def safer_config(self, tile: TileConfig, row_split: bool = False) -> TileConfig | None:
         """The next smaller launch shape after `tile` from this target's tables, or None at the
-        smallest: fewer pipeline stages first, then half the rows, then half the threads."""
+        smallest: fewer pipeline stages first, then half the rows, then (a looped reduction, which
+        may split its row: `row_split`) half the row chunk, then half the threads."""
         if tile.num_stages > 1:
             return replace(tile, num_stages=tile.num_stages - 1)
         if tile.XBLOCK > 1:
             return replace(tile, XBLOCK=tile.XBLOCK // 2, threads=max(self.warp_size, tile.threads // 2))
+        if row_split and tile.RBLOCK > self.warp_size:
+            return replace(tile, RBLOCK=tile.RBLOCK // 2, threads=max(self.warp_size, tile.threads // 2))
         if tile.threads > self.warp_size:
             return replace(tile, threads=tile.threads // 2)
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 import flagtree_py
@@ -57,15 +58,17 @@ def test_shared_memory_estimate_counts_tiles_bytes_and_stages():
     assert problem.kind == "shared_memory" and "131072" in problem.detail
 
 
-def test_every_in_tree_target_passes_its_checks_on_the_generated_kernels():
-    fn = lambda x, w: torch.nn.functional.rms_norm(x, (64,), w) * torch.sigmoid(x)
-    x, w = torch.randn(5, 64), torch.randn(64)
+@pytest.mark.parametrize("dynamic", [False, True])  # persistent reductions and pointwise; looped reductions
+def test_every_in_tree_target_passes_its_checks_on_the_generated_kernels(dynamic):
+    fn = lambda x, w: torch.nn.functional.rms_norm(x, (x.shape[-1],), w) * torch.sigmoid(x)
+    x, w = torch.randn(5, 3000), torch.randn(3000)
     for name in registered_targets():
         torch._dynamo.reset()
         flagtree_py.clear_report()
-        out = torch.compile(fn, backend="flagtree", options={"target": name, "cache": False})(x, w)
+        out = torch.compile(fn, backend="flagtree", options={"target": name, "cache": False}, dynamic=dynamic)(x, w)
         (record,) = flagtree_py.report()
         assert record["kernel_checks"] == [] and record["triton_kernels"] >= 1, name
+        assert {k["config"]["persistent"] for k in record["kernels"] if k["kind"] == "reduction"} == {not dynamic}
         torch.testing.assert_close(out, fn(x, w), rtol=1e-5, atol=1e-5)
 
 
@@ -99,6 +102,20 @@ def test_reduction_over_the_shared_memory_limit_is_re_lowered_with_fewer_rows():
         if kernel["kind"] == "reduction":
             assert kernel["config"]["XBLOCK"] * kernel["config"]["RBLOCK"] * 4 <= 2048
     torch.testing.assert_close(out, fn(x), rtol=1e-5, atol=1e-6)
+
+
+def test_persistent_reduction_too_wide_for_the_chip_is_re_lowered_as_a_looped_one():
+    # rows of 1024 fp32 need 4 KiB in one block; a 2 KiB chip gets a looped reduction with smaller chunks
+    small = dataclasses.replace(get_target("metax"), name="tiny-smem", shared_memory_per_block=2048)
+    fn = lambda x: x - x.amax(-1, keepdim=True)  # noqa: E731
+    x = torch.randn(6, 1024)
+    out, record = _compile_with(small, fn, x)
+    (check,) = record["kernel_checks"]
+    assert check["action"].startswith("re-lowered looped, ") and "shared_memory" in check["problems"][0]
+    (kernel,) = record["kernels"]
+    assert kernel["config"]["persistent"] is False
+    assert kernel["config"]["XBLOCK"] * kernel["config"]["RBLOCK"] * 4 <= 2048
+    torch.testing.assert_close(out, fn(x))
 
 
 def test_kernel_using_an_api_the_target_lacks_falls_back_to_aten(tmp_path):
