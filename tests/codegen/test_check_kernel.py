@@ -107,7 +107,7 @@ def test_reduction_over_the_shared_memory_limit_is_re_lowered_with_fewer_rows():
 def test_persistent_reduction_too_wide_for_the_chip_is_re_lowered_as_a_looped_one():
     # rows of 1024 fp32 need 4 KiB in one block; a 2 KiB chip gets a looped reduction with smaller chunks
     small = dataclasses.replace(get_target("metax"), name="tiny-smem", shared_memory_per_block=2048)
-    fn = lambda x: x - x.amax(-1, keepdim=True)  # noqa: E731
+    fn = lambda x: x - x.amax(-1, keepdim=True)
     x = torch.randn(6, 1024)
     out, record = _compile_with(small, fn, x)
     (check,) = record["kernel_checks"]
