@@ -108,6 +108,22 @@ def _run_child(cache_dir: Path, triton_dir: Path, length: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _graph_diff(cache_dir: Path, build: dict, run_key: str) -> list[str]:
+    """Why the GPU run missed the entry built without a GPU: a diff of the two entries' aten graphs
+    (the run stored its own entry in the same cache on the miss)."""
+    import difflib
+
+    def graph(key: str) -> list[str]:
+        meta = json.loads((cache_dir / key[:2] / key / "meta.json").read_text())
+        return meta.get("aten_graph", "").splitlines()
+
+    built_key = build["entries"][0]["key"]
+    try:
+        return list(difflib.unified_diff(graph(built_key), graph(run_key), "built without GPU", "GPU run", lineterm=""))[:80]
+    except OSError as error:
+        return [f"cannot read an entry: {error}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -161,6 +177,8 @@ def main() -> None:
         "jit_matches_eager": jit.get("rel_err_vs_eager_fp32", 1.0) <= 1e-4,
     }
     result["ok"] = all(result["checks"].values())
+    if done.returncode == 0 and not result["checks"]["aot_key_equals_build_key"] and "cache_key" in aot:
+        result["key_mismatch_graph_diff"] = _graph_diff(built, result["build_without_gpu"]["result"], aot["cache_key"])
     text = json.dumps(result, indent=1)
     print(text)
     Path(args.out).write_text(text)
