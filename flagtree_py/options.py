@@ -50,7 +50,9 @@ class CompileOptions:
         return cls(**options)
 
     def hash(self) -> str:
-        """Only what changes generated code (neither the dump nor the cache settings do)."""
-        fields = {"target": self.target, "fallback": self.fallback, "poison_outputs": self.poison_outputs,
+        """Only what changes generated code (neither the dump nor the cache settings do). The target is
+        not here: the key holds the hash of the target chosen, so `target="auto"` on an H100 and
+        `target="nvidia-sm90"` (what `flagtree compile` passes) give the same key."""
+        fields = {"fallback": self.fallback, "poison_outputs": self.poison_outputs,
                   "merge_projections": self.merge_projections}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -92,9 +92,17 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         "executor": "triton" if device_type == "cuda" else "interpreter",
         "passes": ctx.counters,
         "kernel_failures": [],
+        # builds of this graph's kernels by triton.compile: JIT first launches on a GPU (later, at run
+        # time); always 0 under the interpreter, which compiles nothing; 0 for kernels whose binary
+        # comes from the cache entry
+        "triton_compiles": 0,
     }
+
     def on_failure(kernel: str, error: str) -> None:
         record["kernel_failures"].append({"kernel": kernel, "error": error})
+
+    def on_compile(kernel: str) -> None:
+        record["triton_compiles"] += 1
 
     cache = KernelCache(options.cache_dir or default_cache_dir()) if options.cache else None
     # which inputs are parameters decides what the layout passes may merge: part of the key
@@ -105,7 +113,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         entry, problem = cache.load(key)
         if entry is not None:
             _colocate(entry.meta.get("colocated_inputs", []), gm, ctx.parameters)
-            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure)
+            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
         record["cache"] = "off"
@@ -126,7 +134,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     module, path = load_module(generated.source, directory, graph_name)
     bind_kernels(module, [k.name for k in generated.kernels], interpret=device_type != "cuda",
                  constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure,
-                 poison=options.poison_outputs)
+                 poison=options.poison_outputs, on_compile=on_compile)
     partition_text = _partition_text(partition)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, str(graph), partition_text)
@@ -145,7 +153,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
                 "kernels": [k.name for k in generated.kernels], "externs": externs,
                 "constants": generated.constant_targets, "record": _cacheable(record),
                 "colocated_inputs": colocated,
-                "aten_graph": str(graph), "partition": partition_text,
+                "aten_graph": str(graph), "partition": partition_text, "versions": _versions(),
             })
             if stored is not None:
                 cache.evict(options.cache_max_bytes)
@@ -185,14 +193,19 @@ def _colocate(merges: list[list[int]], gm: torch.fx.GraphModule, parameters: dic
             colocate(parts)
 
 
-def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure):
-    """A cache hit: import the stored module; no code generation, no pass runs."""
+def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile):
+    """A cache hit: import the stored module; no code generation, no pass runs. On a GPU, kernels
+    whose binary for this device's architecture is in the entry launch it: no Triton compile."""
     meta = entry.meta
     constants = {name: getattr(gm, attribute) for name, attribute in meta["constants"].items()}
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(entry.module_source, directory, graph_name)
+    arch = _device_arch() if device_type == "cuda" else None
+    binaries = entry.binaries(arch) if arch else {}
     bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
-                 externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs)
+                 externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs,
+                 binaries=binaries, on_compile=on_compile)
+    record["binaries_loaded"] = sorted(binaries)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
     record.update(meta["record"])
@@ -205,12 +218,33 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
 
 
 _CACHED_FIELDS = ("triton_kernels", "lowered_nodes", "work_nodes", "work_nodes_in_kernels", "lowered_fraction",
-                  "views_folded", "views_in_wrapper", "extern_ops", "codegen_fallbacks", "dynamic_symbols",
+                  "views_folded", "views_in_wrapper", "extern_ops", "codegen_fallbacks", "kernel_checks", "dynamic_symbols",
                   "kernels", "fusions_split", "passes")
 
 
 def _cacheable(record: dict) -> dict:
     return {k: record[k] for k in _CACHED_FIELDS if k in record} | {"compile_s_cold": record["compile_s"]}
+
+
+def _versions() -> dict:
+    """The toolchain in the key, readable: why an entry built elsewhere is not hit here."""
+    import platform
+
+    import triton
+
+    import flagtree_py
+
+    return {"flagtree": flagtree_py.__version__, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version()}
+
+
+def _device_arch() -> str | None:
+    """This GPU's architecture as binaries in cache entries name it: "sm90" on an H100; None with no
+    GPU (`flagtree compile` traces "cuda" graphs on fake tensors)."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
 
 
 def _device_type(example_inputs) -> str:
@@ -247,6 +281,7 @@ def _statistics(graph: torch.fx.Graph, partition, generated) -> dict:
         "views_in_wrapper": len(emitted_views),
         "extern_ops": generated.extern_ops,
         "codegen_fallbacks": generated.codegen_fallbacks,
+        "kernel_checks": generated.kernel_checks,
         "dynamic_symbols": symbols,
         "kernels": [dataclasses.asdict(k) | {"source": None} for k in generated.kernels],
     }

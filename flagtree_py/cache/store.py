@@ -66,6 +66,20 @@ class CacheEntry:
     def module_source(self) -> str:
         return (self.path / MODULE_FILE).read_text()
 
+    def binaries(self, arch: str) -> dict[str, tuple[dict, dict[str, Path]]]:
+        """{kernel: (launch signature, {"cubin"|"ptx"|"json": path})} built for `arch` ("sm90")."""
+        found = {}
+        for kernel, per_arch in self.meta.get("binaries", {}).items():
+            built = per_arch.get(arch)
+            if built is not None:
+                found[kernel] = (built["signature"], {kind: self.path / name for kind, name in built["files"].items()})
+        return found
+
+    def extra(self, name: str) -> bytes | None:
+        """An extra file stored with `KernelCache.add_extra` (autotune winners...), or None."""
+        file = self.meta.get("extras", {}).get(name)
+        return None if file is None else (self.path / file).read_bytes()
+
 
 class KernelCache:
     def __init__(self, directory: Path | str) -> None:
@@ -143,6 +157,66 @@ class KernelCache:
         except (OSError, CacheRefused) as error:
             self._degrade(error)
             return None
+
+    def peek(self, key: str) -> CacheEntry | None:
+        """An intact entry, read without counting a hit (None if missing or damaged)."""
+        if self.verify(key) is not None:
+            return None
+        path = self.entry_path(key)
+        return CacheEntry(key, path, json.loads((path / META_FILE).read_text()))
+
+    def add_files(self, key: str, files: dict[str, bytes], update_meta) -> CacheEntry | None:
+        """Add files to an intact entry: each written atomically, then meta.json (their hashes listed
+        with the others, so verify, export and import cover them) after `update_meta(meta)` changed it.
+
+        Two processes adding files to one entry at once may lose one's listing (meta.json is replaced
+        whole); its files then stay unlisted, never loaded, and the next `flagtree compile` adds them.
+        """
+        try:
+            problem = self.verify(key)
+            if problem is not None:
+                raise ValueError(f"entry {key} is damaged: {problem}")
+            path = self.entry_path(key)
+            for name, data in files.items():
+                if name == META_FILE or not _FILE_NAME.fullmatch(name):
+                    raise ValueError(f"bad file name {name!r}")
+                scratch = path / f".{name}.{uuid.uuid4().hex[:8]}"
+                scratch.write_bytes(data)
+                os.replace(scratch, path / name)
+            meta = json.loads((path / META_FILE).read_text())
+            meta["files"].update({name: _sha256(data) for name, data in files.items()})
+            update_meta(meta)
+            self._write_json(path / META_FILE, meta)
+            return CacheEntry(key, path, meta)
+        except (OSError, CacheRefused) as error:
+            self._degrade(error)
+            return None
+
+    def add_binaries(self, key: str, kernel: str, arch: str, signature: dict, built: dict[str, bytes]) -> CacheEntry | None:
+        """Store one kernel's binaries for one architecture ({"cubin"|"ptx"|"json": bytes}) with the
+        launch signature they were built for."""
+        names = {kind: f"{kernel}.{arch}.{kind}" for kind in built}
+
+        def update(meta: dict) -> None:
+            meta.setdefault("binaries", {}).setdefault(kernel, {})[arch] = {"signature": signature, "files": names}
+
+        return self.add_files(key, {names[kind]: data for kind, data in built.items()}, update)
+
+    def add_extra(self, key: str, name: str, data: bytes | dict | list) -> CacheEntry | None:
+        """Store a named extra file (JSON for a dict or list), hashed and exported like the others:
+        e.g. the GEMM templates' autotune winners as `add_extra(key, "autotune.json", {...})`."""
+        if isinstance(data, (dict, list)):
+            data = json.dumps(data, indent=1, sort_keys=True).encode()
+        file = f"extra.{name}"
+
+        def update(meta: dict) -> None:
+            meta.setdefault("extras", {})[name] = file
+
+        return self.add_files(key, {file: data}, update)
+
+    def update_meta(self, key: str, update_meta) -> CacheEntry | None:
+        """Change an intact entry's meta.json (no files)."""
+        return self.add_files(key, {}, update_meta)
 
     # -- management (the `flagtree cache` command) ---------------------------------------------
 

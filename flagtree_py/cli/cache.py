@@ -237,7 +237,10 @@ def describe_entry(entry, size: int, problem: str | None, now: float, colour: bo
     """`flagtree cache show KEY`: what an entry is, how it was compiled, and its kernels."""
     meta, record = entry.meta, entry.meta.get("record", {})
     check = paint("ok", "green", colour) if problem is None else paint(f"DAMAGED: {problem}", "red", colour)
-    files = ", ".join(f"{name} sha256 {digest[:16]}" for name, digest in meta.get("files", {}).items())
+    hashed = meta.get("files", {})
+    files = ", ".join(f"{name} sha256 {digest[:16]}" for name, digest in list(hashed.items())[:1])
+    if len(hashed) > 1:
+        files += f" and {len(hashed) - 1} more (binaries and extras below), each hashed"
     lines = [
         ("key", f"{entry.key}  ({check})"),
         ("path", f"{entry.path}  ({format_size(size)})"),
@@ -267,6 +270,15 @@ def describe_entry(entry, size: int, problem: str | None, now: float, colour: bo
         text += [f"  {line}" for line in format_table(["pass", "count"], sorted(passes.items(), key=_pass_order(passes))
                                                        ).splitlines()]
     text += ["", "partition"] + [f"  {line}" for line in meta.get("partition", "").rstrip("\n").splitlines()]
+    binaries = meta.get("binaries", {})
+    if binaries:
+        text += ["", "binaries (built ahead of time; a GPU of that architecture launches them with no Triton compile)"]
+        rows = [[kernel, arch, ", ".join(f"{kind} {built['files'][kind]}" for kind in sorted(built["files"]))]
+                for kernel, per_arch in sorted(binaries.items()) for arch, built in sorted(per_arch.items())]
+        text += [f"  {line}" for line in format_table(["kernel", "arch", "files"], rows).splitlines()]
+    extras = meta.get("extras", {})
+    if extras:
+        text += ["", "extra files"] + [f"  {name}: {file}" for name, file in sorted(extras.items())]
     kernels = record.get("kernels", [])
     if kernels:
         text += ["", "kernels (`flagtree cache show KEY --kernel NAME` prints one)"]

@@ -1,6 +1,7 @@
 """`flagtree`: the command line (console script `flagtree = flagtree_py.cli.main:main`).
 
     flagtree demo       compile a tiny random-weight model with flagtree, compare greedy tokens with eager
+    flagtree compile    compile a model for a target into the cache, no GPU needed (AOT)
     flagtree targets    the registered targets (chips flagtree lowers for) and how they differ
     flagtree cache      the compiled-artifact cache: ls, show, stats, verify, rm, clear, export, import
     flagtree --version
@@ -17,12 +18,12 @@ import sys
 from collections.abc import Sequence
 
 from flagtree_py import __version__
-from flagtree_py.cli import cache, demo, targets
+from flagtree_py.cli import cache, compile, demo, targets
 from flagtree_py.cli.common import installed_version
 
 #: one module per subcommand, in the order `flagtree --help` lists them
-#: (serve, compile and validate join this list as they are written)
-COMMANDS = (demo, targets, cache)
+#: (serve and validate join this list as they are written)
+COMMANDS = (demo, compile, targets, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ aten ops, used if the kernel fails to build or run.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch.fx
 
 import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.*)
 from flagtree_py.codegen import indexing
+from flagtree_py.codegen.check_kernel import check_kernel
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
@@ -30,11 +32,19 @@ _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 #: flagtree ops a fusion pass put in the graph, each lowered by a template of its own
 _TEMPLATE_LOWERINGS = {torch.ops.flagtree.moe_routing.default: lower_moe_routing,
                        torch.ops.flagtree.moe_routing_dense.default: lower_moe_routing}
-_TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
-    keep_trailing_newline=True,
-    undefined=jinja2.StrictUndefined,
-)
+_GENERIC_TEMPLATES = Path(__file__).parent / "templates"
+_SOURCE_PROBLEMS = ("language", "feature", "syntax")  # check_kernel problems no other config can mend
+
+
+@functools.cache
+def template_environment(target_dir: str | None) -> jinja2.Environment:
+    """Templates for a target: its own directory first (a vendor variant), then the generic ones."""
+    loaders = [jinja2.FileSystemLoader(target_dir)] if target_dir else []
+    return jinja2.Environment(
+        loader=jinja2.ChoiceLoader([*loaders, jinja2.FileSystemLoader(str(_GENERIC_TEMPLATES))]),
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
 @dataclass
@@ -59,6 +69,7 @@ class GeneratedModule:
     constants: dict = field(default_factory=dict)  # name -> tensor (get_attr)
     constant_targets: dict = field(default_factory=dict)  # name -> the GraphModule attribute it reads
     template_nodes: list[str] = field(default_factory=list)  # nodes lowered by a template of their own
+    kernel_checks: list[dict] = field(default_factory=list)  # kernels re-lowered or left to aten by check_kernel
 
 
 class ModuleWriter:
@@ -242,7 +253,7 @@ class ModuleWriter:
         numel = indexing.numel(indexing.shape_of(val.shape))
         int64 = not numel.is_Integer or int(numel) >= 2**31
         try:
-            kernel = _TEMPLATE_LOWERINGS[node.target](node, name, _TEMPLATES, self.target, self.arg, int64)
+            kernel = _TEMPLATE_LOWERINGS[node.target](node, name, template_environment(self.target.template_dir), self.target, self.arg, int64)
         except LoweringError as error:
             self.out.codegen_fallbacks.append({"group": name, "reason": str(error)})
             return None
@@ -288,31 +299,44 @@ class ModuleWriter:
         subgraph, externals = self._group_subgraph(group, buffers)
         stored = [n for n, _ in group.stores()]
         header = f"# {group.name}: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}"
-        try:
-            builder = KernelBuilder(group, buffers, _LOWERINGS, views, self.target.persistent_reduction_limit,
-                                    self.device_type)
-            for node in externals:  # what the aten fallback reads: the kernel takes it too
-                builder.add_input(node, buffers[node])
-            builder.symbols |= self._subgraph_symbols(subgraph)
-            index_dtype = "int64" if self._needs_int64(group) else "int32"
-            spec = builder.build(group.name, [], index_dtype)
-        except LoweringError as error:
-            self.out.codegen_fallbacks.append({"group": group.name, "reason": str(error)})
-            lines = [header + " (aten: " + str(error).replace("\n", " ")[:120] + ")"]
-            lines += [self.call_line(n) for n in subgraph]
-            return None, lines
+        first_problems = None
+        # a persistent reduction that no config of the target fits is lowered again as a looped one
+        for persistent_limit in (self.target.persistent_reduction_limit, 0):
+            try:
+                builder = KernelBuilder(group, buffers, _LOWERINGS, views, persistent_limit, self.device_type)
+                for node in externals:  # what the aten fallback reads: the kernel takes it too
+                    builder.add_input(node, buffers[node])
+                builder.symbols |= self._subgraph_symbols(subgraph)
+                index_dtype = "int64" if self._needs_int64(group) else "int32"
+                spec = builder.build(group.name, [], index_dtype)
+            except LoweringError as error:
+                reason = str(error) if first_problems is None else f"check_kernel: {'; '.join(first_problems)}"
+                self.out.codegen_fallbacks.append({"group": group.name, "reason": reason})
+                if first_problems is not None:
+                    self.out.kernel_checks.append({"kernel": group.name, "problems": first_problems,
+                                                   "action": "aten fallback"})
+                lines = [header + " (aten: " + reason.replace("\n", " ")[:120] + ")"]
+                lines += [self.call_line(n) for n in subgraph]
+                return None, lines
+            spec.comment = [f"computes: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}",
+                            f"stores: {', '.join(n.name for n in stored)}"]
+            template = template_environment(self.target.template_dir).get_template(f"{spec.kind}.py.jinja")
+            kernel_source = template.render(k=spec)
+            launch_meta, problems = self._checked_launch(spec, kernel_source)
+            first_problems = first_problems or problems
+            if launch_meta is not None or not spec.persistent or any(p.startswith(_SOURCE_PROBLEMS) for p in problems):
+                break
+        if launch_meta is None:  # no config of the target's tables passes its checks: aten it is
+            self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems, "action": "aten fallback"})
+            self.out.codegen_fallbacks.append({"group": group.name, "reason": f"check_kernel: {'; '.join(first_problems)}"})
+            return None, [header + " (aten: check_kernel)"] + [self.call_line(n) for n in subgraph]
+        if first_problems:
+            how = "looped, " if persistent_limit == 0 else ""
+            self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems,
+                                           "action": f"re-lowered {how}with {launch_meta}"})
         self.out.lowered_nodes += sum(1 for n in group.members if self.kinds[n] != "view")
-        config = self._config(spec)
-        spec.comment = [f"computes: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}",
-                        f"stores: {', '.join(n.name for n in stored)}"]
-        template = _TEMPLATES.get_template(f"{spec.kind}.py.jinja")
-        kernel_source = template.render(k=spec)
         fallback = self._fallback_source(spec, subgraph, stored, builder)
-        launch_meta = {k: v for k, v in config.items() if k == "XBLOCK" or (k == "RBLOCK" and spec.kind == "reduction")}
-        launch_meta["num_warps"] = self.target.num_warps(config["threads"])
-        if config.get("num_stages", 1) != 1:
-            launch_meta["num_stages"] = config["num_stages"]
-        grid = f"cdiv({spec.xnumel}, {config['XBLOCK']})"
+        grid = f"cdiv({spec.xnumel}, {launch_meta['XBLOCK']})"
         meta = ", ".join(f"{k}={v}" for k, v in launch_meta.items())
         call = [header] + [self.allocation(n) for n in stored]
         call.append(f"run({spec.name}, ({grid},), {', '.join(spec.launch_args)}, {meta})")
@@ -329,13 +353,36 @@ class ModuleWriter:
                 return True
         return not indexing.numel(group.full_shape).is_Integer
 
-    def _config(self, spec) -> dict:
+    def _tile(self, spec):
         if spec.kind == "pointwise":
             hint = int(sympy.sympify(spec.xnumel)) if sympy.sympify(spec.xnumel).is_Integer else None
-            tile = self.target.pointwise_config(hint)
-        else:
-            tile = self.target.reduction_config(spec.static_rnumel, spec.persistent)
-        return {"XBLOCK": tile.XBLOCK, "RBLOCK": tile.RBLOCK, "threads": tile.threads, "num_stages": tile.num_stages}
+            return self.target.pointwise_config(hint)
+        return self.target.reduction_config(spec.static_rnumel, spec.persistent)
+
+    def _launch_meta(self, spec, tile) -> dict:
+        meta = {"XBLOCK": tile.XBLOCK}
+        if spec.kind == "reduction":
+            meta["RBLOCK"] = tile.RBLOCK
+        meta["num_warps"] = self.target.num_warps(tile.threads)
+        if tile.num_stages != 1:
+            meta["num_stages"] = tile.num_stages
+        return meta
+
+    def _checked_launch(self, spec, kernel_source: str) -> tuple[dict | None, list[str]]:
+        """The launch meta of the first tile, from the target's table down its safer configs, that passes
+        check_kernel (None if none does: a problem of the source itself never passes), and the problems
+        of the first tile tried."""
+        tile, first_problems = self._tile(spec), []
+        while tile is not None:
+            meta = self._launch_meta(spec, tile)
+            problems = check_kernel(kernel_source, {**meta, "kind": spec.kind}, self.target)
+            if not problems:
+                return meta, first_problems
+            first_problems = first_problems or [str(p) for p in problems]
+            if any(p.kind in _SOURCE_PROBLEMS for p in problems):
+                break
+            tile = self.target.safer_config(tile, row_split=spec.kind == "reduction" and not spec.persistent)
+        return None, first_problems
 
     def _group_subgraph(self, group, buffers):
         """The nodes to run with aten for this group, and the buffers they read."""

@@ -1,11 +1,19 @@
-"""Ahead-of-time compile of generated kernels for an NVIDIA GPU that this machine lacks.
+"""Ahead-of-time builds of generated kernels for an NVIDIA GPU this machine may lack, and their reuse.
 
-Triton compiles for an explicit `GPUTarget("cuda", 90, 32)` with no GPU present, which gives
-PTX and cubin on a CPU-only machine. Tests use it to prove every generated kernel builds for
-Hopper and Ampere, not only under the interpreter.
+Triton compiles for an explicit `GPUTarget("cuda", 90, 32)` with no GPU present, which gives PTX
+and cubin on a CPU-only machine (`compile_for_nvidia`). `binary_files` turns the result into the
+files a cache entry keeps; `BinaryKernel` loads those files on a GPU as Triton's own `CompiledKernel`
+(the object Triton's JIT launches) and launches it with no Triton compile.
+
+What an AOT build does not assume: pointer alignment. Triton's JIT specializes pointers that are
+16-byte aligned (`tt.divisibility`), which lets it vectorize loads; an AOT build knows no pointer
+values, so it leaves that out and any pointer is valid (possibly slower loads).
 """
 
 from __future__ import annotations
+
+import inspect
+from pathlib import Path
 
 import torch
 
@@ -14,6 +22,7 @@ _POINTER_TYPES = {
     torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16", torch.int8: "*i8",
     torch.uint8: "*u8", torch.bool: "*i1",
 }
+_I32 = (-(2**31), 2**31)
 
 
 def launch_signature(args: tuple, meta: dict) -> dict:
@@ -33,15 +42,8 @@ def launch_signature(args: tuple, meta: dict) -> dict:
     return {"arguments": arguments, "meta": dict(meta)}
 
 
-def compile_for_nvidia(fn, signature: dict, capability: int = 90):
-    """Compile the raw kernel function `fn` for sm_<capability>; returns Triton's CompiledKernel.
-
-    Integer arguments are shape symbols, which generated kernels mark `do_not_specialize`.
-    """
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
+def _source(fn, signature: dict):
+    """Triton's ASTSource for `fn` with the argument types of `signature`, and its compile options."""
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
@@ -51,15 +53,58 @@ def compile_for_nvidia(fn, signature: dict, capability: int = 90):
         if kind == "pointer":
             types[name] = value
         elif kind == "int":  # size symbols: generated kernels never specialize on them
-            types[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            types[name] = "i32" if _I32[0] <= value < _I32[1] else "i64"
         else:
             types[name] = "fp32"
     meta = dict(signature["meta"])
-    num_warps = meta.pop("num_warps", 4)
-    num_stages = meta.pop("num_stages", 3)
+    options = {"num_warps": meta.pop("num_warps", 4), "num_stages": meta.pop("num_stages", 3)}
     for name, value in meta.items():
         types[name] = "constexpr"
         constants[name] = value
-    source = ASTSource(fn=JITFunction(fn), signature=types, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    return ASTSource(fn=JITFunction(fn), signature=types, constexprs=constants), options
+
+
+def compile_for_nvidia(fn, signature: dict, capability: int = 90):
+    """Compile the raw kernel function `fn` for sm_<capability>; returns Triton's CompiledKernel.
+
+    Integer arguments are shape symbols, which generated kernels mark `do_not_specialize`.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from flagtree_py.runtime.launch import counters
+
+    source, options = _source(fn, signature)
+    counters["triton_compiles"] += 1
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def binary_files(compiled) -> dict[str, bytes]:
+    """A CompiledKernel's cubin, PTX and launch metadata (Triton's own json) by file extension."""
+    metadata = next(Path(path) for name, path in compiled.metadata_group.items() if name.endswith(".json"))
+    return {"cubin": bytes(compiled.asm["cubin"]), "ptx": compiled.asm["ptx"].encode(), "json": metadata.read_bytes()}
+
+
+class BinaryKernel:
+    """A kernel built ahead of time, loaded from a cache entry's files: launching it compiles nothing."""
+
+    def __init__(self, fn, signature: dict, files: dict[str, Path]) -> None:
+        from triton.compiler import CompiledKernel
+
+        source, _ = _source(fn, signature)
+        group = {f"{fn.__name__}.{kind}": str(path) for kind, path in files.items() if kind in ("json", "cubin", "ptx")}
+        self.compiled = CompiledKernel(source, group, Path(files["cubin"]).stem)
+        names = list(inspect.signature(fn).parameters)
+        self.arity = len(signature["arguments"])
+        self.constexprs = names[self.arity:]  # XBLOCK, RBLOCK...: passed after the arguments
+        self.kinds = [kind for kind, _ in signature["arguments"]]
+        # an int built as i32 must still fit when a dynamic size grows
+        self.narrow_ints = [i for i, (kind, value) in enumerate(signature["arguments"])
+                            if kind == "int" and _I32[0] <= value < _I32[1]]
+
+    def accepts(self, args: tuple) -> bool:
+        return len(args) == self.arity and all(_I32[0] <= args[i] < _I32[1] for i in self.narrow_ints)
+
+    def launch(self, grid: tuple, args: tuple, meta: dict) -> None:
+        full_grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.compiled[full_grid](*args, *(meta[name] for name in self.constexprs))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
+import weakref
 from collections import Counter
 
 #: process-wide counts, read by `flagtree_py.report()` and tests
@@ -22,7 +24,8 @@ class GuardedKernel:
     the rest of the process: a kernel that cannot compile never makes the model unusable.
     """
 
-    def __init__(self, name: str, kernel, fallback, on_failure=None, interpreted: bool = False) -> None:
+    def __init__(self, name: str, kernel, fallback, on_failure=None, interpreted: bool = False, binary=None,
+                 on_compile=None) -> None:
         self.name = name
         self.kernel = kernel
         self.interpreted = interpreted
@@ -30,12 +33,34 @@ class GuardedKernel:
         self.failed: str | None = None
         self.on_failure = on_failure
         self.signature: dict | None = None  # the first launch's argument types (for AOT builds)
+        self.binary = binary  # a BinaryKernel from the cache entry: launched with no Triton compile
+        self.on_compile = on_compile  # called once per Triton compile of this kernel
+        self.compiles = 0
+        if not interpreted:
+            _count_triton_compiles(self)
+
+    def compiled(self) -> None:
+        self.compiles += 1
+        counters["triton_compiles"] += 1
+        if self.on_compile is not None:
+            self.on_compile(self.name)
 
     def launch(self, grid, args, meta) -> None:
         if self.signature is None:
             from flagtree_py.runtime.aot import launch_signature
 
             self.signature = launch_signature(args, meta)
+        if _DRY_RUN:  # flagtree compile: the signature is what was wanted; nothing runs
+            return
+        if self.binary is not None and self.failed is None and self.binary.accepts(args):
+            try:
+                self.binary.launch(grid, args, meta)
+                counters["binary_launches"] += 1
+                return
+            except Exception as error:  # noqa: BLE001 -- any load or launch error: Triton's JIT takes over
+                warnings.warn(f"flagtree: cached binary of {self.name} failed ({type(error).__name__}: {error}); "
+                              "compiling it with Triton", stacklevel=3)
+                self.binary = None
         if self.failed is None:
             try:
                 if self.interpreted:
@@ -59,6 +84,57 @@ def run(kernel: GuardedKernel, grid: tuple, *args, **meta) -> None:
         return  # an empty tensor: nothing to compute, and a zero grid is an error on a GPU
     counters["kernel_launches"] += 1
     kernel.launch(grid, args, meta)
+
+
+_DRY_RUN = False
+
+
+@contextlib.contextmanager
+def dry_run():
+    """Run generated wrappers without launching kernels (on fake tensors): each kernel only records
+    its launch signature. `flagtree compile` uses it to learn what to build ahead of time."""
+    global _DRY_RUN
+    previous, _DRY_RUN = _DRY_RUN, True
+    try:
+        yield
+    finally:
+        _DRY_RUN = previous
+
+
+#: id(JITFunction) -> the GuardedKernel that owns it, for the compile counter
+_OWNERS: dict = {}
+_COUNTING = False
+
+
+def _count_triton_compiles(kernel: GuardedKernel) -> None:
+    """Count every `triton.compile` of a flagtree kernel (JIT first launches of a specialization).
+
+    Triton's JIT looks `compile` up in `triton.compiler` when it builds a kernel's binder (3.6 and
+    3.9), so one wrapper there sees each compile. A compile that Triton serves from its own disk
+    cache is counted too: it is still the JIT path, not a binary from flagtree's entry.
+    """
+    global _COUNTING
+    _OWNERS[id(kernel.kernel)] = weakref.ref(kernel)
+    if _COUNTING:
+        return
+    _COUNTING = True
+    try:
+        import triton.compiler
+        import triton.compiler.compiler as compiler_module
+    except ImportError:
+        return
+    original = compiler_module.compile
+
+    @functools.wraps(original)
+    def counting_compile(src, *args, **kwargs):
+        result = original(src, *args, **kwargs)
+        owner = _OWNERS.get(id(getattr(src, "fn", None)))
+        if owner is not None and owner() is not None:
+            owner().compiled()
+        return result
+
+    for module in (triton.compiler, compiler_module):
+        module.compile = counting_compile
 
 
 _STDLIB_LOCK = threading.RLock()

@@ -38,17 +38,26 @@ def poisoned_empty_strided(size, stride, *, dtype, device):
 
 
 def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: dict, externs: dict, on_failure=None,
-                 poison: bool = False) -> None:
+                 poison: bool = False, binaries: dict | None = None, on_compile=None) -> None:
     """Replace each `@triton.jit` kernel in the module by a `GuardedKernel`.
 
     On a machine without the target GPU the same source runs through Triton's interpreter.
+    `binaries` maps a kernel name to (launch signature, {"cubin"|"ptx"|"json": path}) built ahead of
+    time for this GPU: such a kernel launches its binary and Triton compiles nothing.
     """
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
     for name in kernel_names:
         jit = getattr(module, name)
         kernel = InterpretedFunction(jit.fn) if interpret else jit
-        setattr(module, name, GuardedKernel(name, kernel, getattr(module, f"{name}_fallback"), on_failure, interpreted=interpret))
+        binary = None
+        if not interpret and binaries and name in binaries:
+            from flagtree_py.runtime.aot import BinaryKernel
+
+            signature, files = binaries[name]
+            binary = BinaryKernel(jit.fn, signature, files)
+        setattr(module, name, GuardedKernel(name, kernel, getattr(module, f"{name}_fallback"), on_failure,
+                                            interpreted=interpret, binary=binary, on_compile=on_compile))
     module.constants.update(constants)
     if poison:
         module.empty_strided = poisoned_empty_strided

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class TargetSpec:
     reduction_elements: int = 4096  # XBLOCK * RBLOCK for a program of a reduction kernel
     persistent_reduction_limit: int = 8192  # largest static row reduced by one block
     looped_rblock: int = 1024
+    # the target's own Jinja templates, searched before the generic ones (codegen/templates); its
+    # contents are hashed, not its path, so an entry's key is the same wherever flagtree is installed
+    template_dir: str | None = field(default=None, compare=False)
     source: str = ""  # where the figures come from
     toolchain: str = ""  # e.g. "triton-3.6.0"; part of the hash
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -67,9 +71,24 @@ class TargetSpec:
         threads = min(threads, 8 * self.warp_size if self.warp_size == 32 else 4 * self.warp_size)
         return TileConfig(XBLOCK=xblock, RBLOCK=rblock, threads=_floor_power_of_2(threads))
 
+    def safer_config(self, tile: TileConfig, row_split: bool = False) -> TileConfig | None:
+        """The next smaller launch shape after `tile` from this target's tables, or None at the
+        smallest: fewer pipeline stages first, then half the rows, then (a looped reduction, which
+        may split its row: `row_split`) half the row chunk, then half the threads."""
+        if tile.num_stages > 1:
+            return replace(tile, num_stages=tile.num_stages - 1)
+        if tile.XBLOCK > 1:
+            return replace(tile, XBLOCK=tile.XBLOCK // 2, threads=max(self.warp_size, tile.threads // 2))
+        if row_split and tile.RBLOCK > self.warp_size:
+            return replace(tile, RBLOCK=tile.RBLOCK // 2, threads=max(self.warp_size, tile.threads // 2))
+        if tile.threads > self.warp_size:
+            return replace(tile, threads=tile.threads // 2)
+        return None
+
     def hash(self) -> str:
         fields = asdict(self)
         fields.pop("extra")
+        fields["template_dir"] = _directory_digest(self.template_dir)
         fields["dtypes"] = sorted(self.dtypes)
         fields["features"] = sorted(self.features)
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -81,3 +100,15 @@ def _next_power_of_2(n: int) -> int:
 
 def _floor_power_of_2(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def _directory_digest(directory: str | None) -> str | None:
+    """A hash of the names and contents of a template directory's files (None: no directory)."""
+    if directory is None:
+        return None
+    digest = hashlib.sha256()
+    root = Path(directory)
+    for path in sorted(root.rglob("*.jinja")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -5,6 +5,8 @@ block, 64K 32-bit registers per block; shared memory per block up to 227 KB on 9
 8.0 with opt-in). TMA and wgmma are Hopper features (PTX ISA 8.0, sm_90/sm_90a); fp8 needs sm_89+.
 """
 
+from pathlib import Path
+
 from flagtree_py.targets.base import TargetSpec
 
 _COMMON = dict(
@@ -13,6 +15,7 @@ _COMMON = dict(
     max_threads_per_block=1024,
     registers_per_block=65536,
     triton_language=(3, 6),
+    template_dir=str(Path(__file__).parent / "templates" / "nvidia"),  # looped reductions pipelined with cp.async
     source="CUDA C++ Programming Guide, Compute Capabilities (Technical Specifications per CC)",
 )
 
