@@ -20,6 +20,9 @@ class CompileOptions:
     cache: bool = True  # reuse compiled graphs across processes (flagtree_py/cache)
     cache_dir: str | None = None  # default: FLAGTREE_CACHE_DIR, else the platform's user cache dir
     cache_max_bytes: int = 4 << 30  # least recently used entries are evicted beyond this size
+    gemm_templates: bool = True  # mm/addmm and their pointwise epilogues run flagtree's GEMM template
+    autotune: bool = False  # time the target's GEMM tiles once per M bucket; winners kept in the cache
+    autotune_budget_s: float = 5.0  # at most this long tuning one kernel in one bucket
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -51,4 +54,7 @@ class CompileOptions:
     def hash(self) -> str:
         """Only what changes generated code (neither the dump nor the cache settings do)."""
         fields = {"target": self.target, "fallback": self.fallback, "poison_outputs": self.poison_outputs}
+        if not self.gemm_templates:  # absent when on, so that keys from before the option stay valid
+            fields["gemm_templates"] = False
+        # autotuning changes no code: its winners are stored beside the module, in the same entry
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

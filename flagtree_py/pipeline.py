@@ -43,6 +43,7 @@ from flagtree_py.passes.fuse_silu_mul import fuse_silu_mul
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
+from flagtree_py.runtime.autotune import GemmTuner, attach_tuner
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.targets import select_target
 
@@ -86,7 +87,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     if cache is not None:
         entry, problem = cache.load(key)
         if entry is not None:
-            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure)
+            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, cache)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
         record["cache"] = "off"
@@ -95,7 +96,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     for fn in CANONICALIZE + FUSE:
         fn(graph, ctx)
     gm.recompile()
-    partition = partition_fusion_groups(graph, device_type)
+    partition = partition_fusion_groups(graph, device_type, options.gemm_templates)
     ctx.counters["partition_fusion_groups"] += len(partition.groups)
     writer = ModuleWriter(gm, partition, target, graph_name, device_type)
     generated = writer.generate()
@@ -126,13 +127,14 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
             })
             if stored is not None:
                 cache.evict(options.cache_max_bytes)
+    _attach_tuner(module, [k.name for k in generated.kernels], options, cache, key, {})
     add_record(record)
     call = module.call
     call._boxed_call = True
     return call
 
 
-def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure):
+def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, cache):
     """A cache hit: import the stored module; no code generation, no pass runs."""
     meta = entry.meta
     constants = {name: getattr(gm, attribute) for name, attribute in meta["constants"].items()}
@@ -140,6 +142,7 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     module, path = load_module(entry.module_source, directory, graph_name)
     bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
                  externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs)
+    _attach_tuner(module, meta["kernels"], options, cache, entry.key, cache.load_json(entry, WINNERS_FILE))
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
     record.update(meta["record"])
@@ -149,6 +152,21 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     call = module.call
     call._boxed_call = True
     return call
+
+
+#: the GEMM autotuner's winners, a file of the compiled graph's cache entry
+WINNERS_FILE = "autotune.json"
+
+
+def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, winners: dict) -> None:
+    """GEMM kernels choose their tile per M bucket: stored winners first, then (if on) tuning."""
+    def persist(found: dict) -> None:
+        if cache is not None and key is not None:
+            cache.store_json(key, WINNERS_FILE, {"winners": found})
+
+    stored = winners.get("winners", {}) if isinstance(winners, dict) else {}
+    tuner = GemmTuner(options.autotune, options.autotune_budget_s, stored, persist)
+    attach_tuner(module, kernel_names, tuner)
 
 
 _CACHED_FIELDS = ("triton_kernels", "lowered_nodes", "work_nodes", "work_nodes_in_kernels", "lowered_fraction",

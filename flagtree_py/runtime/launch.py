@@ -30,6 +30,16 @@ class GuardedKernel:
         self.failed: str | None = None
         self.on_failure = on_failure
         self.signature: dict | None = None  # the first launch's argument types (for AOT builds)
+        self.tuner = None  # GEMM kernels: runtime/autotune.py chooses their tile per M bucket
+        self.candidates: dict | None = None
+
+    def launch_unguarded(self, grid, args, meta) -> None:
+        """Launch with no fallback: the autotuner's trial of a tile, whose failure rejects the tile."""
+        if self.interpreted:
+            with _interpreter_stdlib():
+                self.kernel[grid](*args, **meta)
+        else:
+            self.kernel[grid](*args, **meta)
 
     def launch(self, grid, args, meta) -> None:
         if self.signature is None:

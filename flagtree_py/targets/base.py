@@ -22,6 +22,41 @@ class TileConfig:
 
 
 @dataclass(frozen=True)
+class GemmConfig:
+    """One GEMM tile: a program computes BLOCK_M x BLOCK_N of the output, BLOCK_K at a time.
+
+    SPLIT_K > 1 is the decode (few rows) form: K is cut into SPLIT_K slices whose partial sums
+    a second kernel adds in a fixed order (deterministic, unlike atomics).
+    """
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    threads: int = 128
+    num_stages: int = 3
+    SPLIT_K: int = 1
+
+    def shared_memory_bytes(self, element_bytes: int, accumulators: int) -> int:
+        """Operand tiles held in shared memory across the software pipeline's stages."""
+        tile = self.BLOCK_M * self.BLOCK_K + accumulators * self.BLOCK_K * self.BLOCK_N
+        return tile * element_bytes * max(1, self.num_stages)
+
+
+#: M buckets of the GEMM template, chosen per call by the wrapper: decode (split-K), small, large
+GEMM_BUCKETS = (("m16", 16), ("m128", 128), ("large", None))
+
+_GEMM_TILES = {
+    # decode: BLOCK_M=16 is tl.dot's smallest M; split-K gives the few rows enough programs
+    "m16": (GemmConfig(16, 64, 128, 128, 4, 8), GemmConfig(16, 128, 64, 128, 4, 4),
+            GemmConfig(16, 32, 256, 128, 3, 8), GemmConfig(16, 64, 64, 128, 4, 16)),
+    "m128": (GemmConfig(64, 64, 64, 128, 4), GemmConfig(32, 64, 128, 128, 4), GemmConfig(64, 128, 64, 256, 3),
+             GemmConfig(128, 64, 64, 256, 3)),
+    "large": (GemmConfig(128, 128, 64, 256, 3), GemmConfig(128, 256, 64, 256, 3), GemmConfig(64, 128, 64, 128, 4),
+              GemmConfig(128, 64, 64, 128, 4), GemmConfig(128, 128, 32, 256, 4)),
+}
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     name: str  # unique: "nvidia-sm90", "metax-c500", ...
     vendor: str  # "nvidia" | "metax" | "iluvatar" | "interpreter" | a plugin's own
@@ -40,6 +75,8 @@ class TargetSpec:
     reduction_elements: int = 4096  # XBLOCK * RBLOCK for a program of a reduction kernel
     persistent_reduction_limit: int = 8192  # largest static row reduced by one block
     looped_rblock: int = 1024
+    # GEMM template tiles per M bucket, best guess first (the heuristic config without autotuning)
+    gemm_tiles: dict = field(default_factory=lambda: dict(_GEMM_TILES))
     source: str = ""  # where the figures come from
     toolchain: str = ""  # e.g. "triton-3.6.0"; part of the hash
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -66,6 +103,15 @@ class TargetSpec:
         threads = min(self.max_threads_per_block, max(self.warp_size, (xblock * rblock) // 8))
         threads = min(threads, 8 * self.warp_size if self.warp_size == 32 else 4 * self.warp_size)
         return TileConfig(XBLOCK=xblock, RBLOCK=rblock, threads=_floor_power_of_2(threads))
+
+    def gemm_candidates(self, bucket: str, element_bytes: int, accumulators: int) -> list[GemmConfig]:
+        """The bucket's tiles that fit this target's shared memory and threads per block (never none:
+        a last small tile that fits any chip closes the list)."""
+        fitting = [c for c in self.gemm_tiles[bucket]
+                   if c.shared_memory_bytes(element_bytes, accumulators) <= self.shared_memory_per_block
+                   and c.threads <= self.max_threads_per_block]
+        smallest = self.gemm_tiles[bucket][-1]
+        return fitting or [GemmConfig(16, 32, 32, 2 * self.warp_size, 1, smallest.SPLIT_K)]
 
     def hash(self) -> str:
         fields = asdict(self)
