@@ -41,6 +41,7 @@ class FusionGroup:
     stored: dict = field(default_factory=dict)  # node -> "full" | "outer"
     reductions: list = field(default_factory=list)
     gemm: torch.fx.Node | None = None  # the mm/addmm this group's kernel is a GEMM template for
+    operand_ancestors: set | None = None  # what the GEMM's operands depend on (computed once)
 
     def stores(self) -> list[tuple[torch.fx.Node, str]]:
         return sorted(self.stored.items(), key=lambda item: _order(item[0]))
@@ -278,16 +279,31 @@ def _epilogue_fits(gemm: torch.fx.Node, group: FusionGroup) -> bool:
     return len(space) == len(expected) and (len(space) == 1 or indexing.same(space[0], rows))
 
 
+def _feeds_gemm(node, group: FusionGroup) -> bool:
+    """Whether `node` is an ancestor of the GEMM's operands A and B: those are materialized (the
+    template reads them tile by tile), so their producers never join the GEMM's group. A bias is
+    read by the epilogue, like any other input: its producers may be computed there."""
+    if group.operand_ancestors is None:
+        found, stack = set(), [a for a in group.gemm.args[-2:] if isinstance(a, torch.fx.Node)]
+        while stack:
+            current = stack.pop()
+            if current not in found:
+                found.add(current)
+                stack.extend(current.all_input_nodes)
+        group.operand_ancestors = found
+    return node in group.operand_ancestors
+
+
 def _fits_internal(node, kind, group: FusionGroup) -> bool:
     if group.gemm is not None:
-        return False  # a GEMM's operands are materialized: the template reads them tile by tile
+        return kind == "pointwise" and not _feeds_gemm(node, group)
     if kind == "pointwise":
         return True
     return _reduction_fits(node, group)
 
 
 def _fits_stored(node, kind, group: FusionGroup) -> str | None:
-    if group.gemm is not None:
+    if group.gemm is not None and (kind != "pointwise" or _feeds_gemm(node, group)):
         return None
     if kind == "reduction":
         if not _reduction_fits(node, group):
