@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -105,13 +105,25 @@ class TargetSpec:
         return TileConfig(XBLOCK=xblock, RBLOCK=rblock, threads=_floor_power_of_2(threads))
 
     def gemm_candidates(self, bucket: str, element_bytes: int, accumulators: int) -> list[GemmConfig]:
-        """The bucket's tiles that fit this target's shared memory and threads per block (never none:
-        a last small tile that fits any chip closes the list)."""
-        fitting = [c for c in self.gemm_tiles[bucket]
-                   if c.shared_memory_bytes(element_bytes, accumulators) <= self.shared_memory_per_block
-                   and c.threads <= self.max_threads_per_block]
+        """The bucket's tiles on this target: a tile whose pipeline does not fit the shared memory
+        keeps fewer stages (64 KB chips), one that never fits, needs too many threads or holds
+        too many accumulators for the registers is dropped; never none (a small tile that fits any chip closes an empty list)."""
+        found: list[GemmConfig] = []
+        for tile in self.gemm_tiles[bucket]:
+            stages = tile.num_stages
+            while stages > 1 and replace(tile, num_stages=stages).shared_memory_bytes(
+                    element_bytes, accumulators) > self.shared_memory_per_block:
+                stages -= 1
+            fitted = replace(tile, num_stages=stages)
+            # fp32 accumulators live in registers: past half the register file they spill
+            registers = accumulators * tile.BLOCK_M * tile.BLOCK_N
+            if self.registers_per_block is not None and registers > self.registers_per_block // 2:
+                continue
+            if (fitted.shared_memory_bytes(element_bytes, accumulators) <= self.shared_memory_per_block
+                    and tile.threads <= self.max_threads_per_block and fitted not in found):
+                found.append(fitted)
         smallest = self.gemm_tiles[bucket][-1]
-        return fitting or [GemmConfig(16, 32, 32, 2 * self.warp_size, 1, smallest.SPLIT_K)]
+        return found or [GemmConfig(16, 32, 32, 2 * self.warp_size, 1, smallest.SPLIT_K)]
 
     def hash(self) -> str:
         fields = asdict(self)
