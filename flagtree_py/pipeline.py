@@ -32,6 +32,7 @@ from flagtree_py.codegen.lowerings import is_gemm_or_attention
 from flagtree_py.codegen.wrapper import ModuleWriter
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
+from flagtree_py.passes.decompose_batched_gemv import decompose_batched_gemv
 from flagtree_py.passes.decompose_split import decompose_split
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
@@ -52,6 +53,7 @@ CANONICALIZE = [
     eliminate_dead_code,
     eliminate_common_subexpressions,
     decompose_split,  # split pieces become slices: views that kernels fold
+    decompose_batched_gemv,  # MoE batched_mm: expert GEMVs as reductions that read W[ids] in place
     remove_noop_views,
     eliminate_dead_code,
 ]
