@@ -21,6 +21,9 @@ class CompileOptions:
     cache_dir: str | None = None  # default: FLAGTREE_CACHE_DIR, else the platform's user cache dir
     cache_max_bytes: int = 4 << 30  # least recently used entries are evicted beyond this size
     merge_projections: bool = True  # q/k/v and gate/up projections -> one GEMM (parameters re-laid out)
+    gemm_templates: bool = True  # mm/addmm and their pointwise epilogues run flagtree's GEMM template
+    autotune: bool = False  # time the target's GEMM tiles once per M bucket; winners kept in the cache
+    autotune_budget_s: float = 5.0  # at most this long tuning one kernel in one bucket
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -55,4 +58,7 @@ class CompileOptions:
         `target="nvidia-sm90"` (what `flagtree compile` passes) give the same key."""
         fields = {"fallback": self.fallback, "poison_outputs": self.poison_outputs,
                   "merge_projections": self.merge_projections}
+        if not self.gemm_templates:  # absent when on, so that keys from before the option stay valid
+            fields["gemm_templates"] = False
+        # autotuning changes no code: its winners are stored beside the module, in the same entry
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

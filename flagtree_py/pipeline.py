@@ -35,6 +35,7 @@ from flagtree_py.codegen.lowerings import is_gemm_or_attention
 from flagtree_py.codegen.wrapper import ModuleWriter
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
+from flagtree_py.passes.decompose_batched_gemv import decompose_batched_gemv
 from flagtree_py.passes.decompose_split import decompose_split
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
@@ -49,6 +50,7 @@ from flagtree_py.passes.merge_qkv import merge_qkv
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
+from flagtree_py.runtime.autotune import GemmTuner, attach_tuner
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.runtime.merged_weights import colocate
 from flagtree_py.targets import select_target
@@ -58,6 +60,7 @@ CANONICALIZE = [
     eliminate_dead_code,
     eliminate_common_subexpressions,
     decompose_split,  # split pieces become slices: views that kernels fold
+    decompose_batched_gemv,  # MoE batched_mm: expert GEMVs as reductions that read W[ids] in place
     remove_noop_views,
     eliminate_dead_code,
 ]
@@ -113,7 +116,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         entry, problem = cache.load(key)
         if entry is not None:
             _colocate(entry.meta.get("colocated_inputs", []), gm, ctx.parameters)
-            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile)
+            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
         record["cache"] = "off"
@@ -125,7 +128,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     colocated = [[placeholders.index(n) for n in merge] for merge in ctx.merged_parameters]
     _colocate(colocated, gm, ctx.parameters)
-    partition = partition_fusion_groups(graph, device_type)
+    partition = partition_fusion_groups(graph, device_type, options.gemm_templates)
     ctx.counters["partition_fusion_groups"] += len(partition.groups)
     writer = ModuleWriter(gm, partition, target, graph_name, device_type)
     generated = writer.generate()
@@ -157,6 +160,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
             })
             if stored is not None:
                 cache.evict(options.cache_max_bytes)
+    _attach_tuner(module, [k.name for k in generated.kernels], options, cache, key, {})
     add_record(record)
     call = module.call
     call._boxed_call = True
@@ -193,7 +197,7 @@ def _colocate(merges: list[list[int]], gm: torch.fx.GraphModule, parameters: dic
             colocate(parts)
 
 
-def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile):
+def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache):
     """A cache hit: import the stored module; no code generation, no pass runs. On a GPU, kernels
     whose binary for this device's architecture is in the entry launch it: no Triton compile."""
     meta = entry.meta
@@ -206,6 +210,7 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
                  externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs,
                  binaries=binaries, on_compile=on_compile)
     record["binaries_loaded"] = sorted(binaries)
+    _attach_tuner(module, meta["kernels"], options, cache, entry.key, cache.load_json(entry, WINNERS_FILE))
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
     record.update(meta["record"])
@@ -215,6 +220,21 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     call = module.call
     call._boxed_call = True
     return call
+
+
+#: the GEMM autotuner's winners, a file of the compiled graph's cache entry
+WINNERS_FILE = "autotune.json"
+
+
+def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, winners: dict) -> None:
+    """GEMM kernels choose their tile per M bucket: stored winners first, then (if on) tuning."""
+    def persist(found: dict) -> None:
+        if cache is not None and key is not None:
+            cache.store_json(key, WINNERS_FILE, {"winners": found})
+
+    stored = winners.get("winners", {}) if isinstance(winners, dict) else {}
+    tuner = GemmTuner(options.autotune, options.autotune_budget_s, stored, persist)
+    attach_tuner(module, kernel_names, tuner)
 
 
 _CACHED_FIELDS = ("triton_kernels", "lowered_nodes", "work_nodes", "work_nodes_in_kernels", "lowered_fraction",

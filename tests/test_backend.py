@@ -91,11 +91,22 @@ def test_tiny_model_matches_eager_and_serves_every_length(preset):
     assert dynamic["lowered_fraction"] >= 0.9
 
 
-def test_tiny_qwen3_kernels_per_layer():
+@pytest.mark.parametrize("gemm_templates", [False, True])
+def test_tiny_qwen3_kernels_per_layer(gemm_templates):
     """2 layers: 6 kernels of masks and rotary tables, then 6 per layer (q norm+rope, k norm+rope
-    +GQA repeat, v repeat, residual add+norm, SwiGLU, residual add+next norm)."""
+    +GQA repeat, v repeat, residual add+norm, SwiGLU, residual add+next norm).
+
+    With GEMM templates the 7 projections of a layer and the LM head are kernels too; the up
+    projection is the SwiGLU kernel's GEMM (silu(gate) * acc), the 6 others have a group each.
+    7 tokens are decode-sized (M <= 16): each GEMM group is a split-K pair of kernels."""
     model = build_tiny_model("qwen3")
     with torch.no_grad():
-        torch.compile(model, backend="flagtree", dynamic=False)(torch.randint(0, 256, (1, 7)))
+        torch.compile(model, backend="flagtree", dynamic=False,
+                      options={"gemm_templates": gemm_templates})(torch.randint(0, 256, (1, 7)))
     (record,) = flagtree_py.report()
-    assert record["triton_kernels"] == 6 + 6 * 2
+    if not gemm_templates:
+        assert record["triton_kernels"] == 6 + 6 * 2
+        return
+    assert record["triton_kernels"] == 6 + (5 + 7 * 2) * 2 + 2
+    assert not any("mm" in op for op in record["extern_ops"])
+    assert record["fusions_split"] == [] and record["codegen_fallbacks"] == []

@@ -220,6 +220,34 @@ class KernelCache:
 
     # -- management (the `flagtree cache` command) ---------------------------------------------
 
+    def store_json(self, key: str, name: str, data: dict) -> bool:
+        """Add (or replace) a JSON file `name` in an existing entry, listed with its hash like the
+        module (autotuning winners, found after the entry was stored). False if it could not."""
+        if name in (MODULE_FILE, META_FILE) or not _FILE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} cannot be an extra file of a cache entry")
+        path = self.entry_path(key)
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+            payload = json.dumps(data, indent=1, sort_keys=True).encode()
+            scratch = path / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+            scratch.write_bytes(payload)
+            os.replace(scratch, path / name)
+            meta["files"] = {**meta["files"], name: _sha256(payload)}
+            self._write_json(path / META_FILE, meta)
+            return True
+        except (OSError, ValueError, KeyError) as error:
+            self._degrade(error)
+            return False
+
+    def load_json(self, entry: CacheEntry, name: str) -> dict:
+        """A JSON file of the entry, {} when it has none (verify() checked its hash on load)."""
+        if name not in entry.meta.get("files", {}):
+            return {}
+        try:
+            return json.loads((entry.path / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def entries(self) -> Iterator[tuple[CacheEntry, int]]:
         """Every entry, intact or not, as (entry, size in bytes); an unreadable meta.json reads as {}.
 

@@ -23,6 +23,7 @@ import torch.fx
 import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.*)
 from flagtree_py.codegen import indexing
 from flagtree_py.codegen.check_kernel import check_kernel
+from flagtree_py.codegen.gemm import lower_gemm_group
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
@@ -85,6 +86,7 @@ class ModuleWriter:
         self.bound: dict[sympy.Symbol, str] = {}
         self.devices: dict[str, str] = {}
         self.template_sections: list[str] = []
+        self.uses_gemm = False  # set by codegen/gemm.py: the module imports its launcher
 
     # -- printing ------------------------------------------------------------------------------
 
@@ -296,6 +298,8 @@ class ModuleWriter:
     # -- groups --------------------------------------------------------------------------------
 
     def lower_group(self, group, buffers, views) -> tuple[str | None, list[str]]:
+        if group.gemm is not None:  # GEMM template groups: codegen/gemm.py
+            return lower_gemm_group(self, group, buffers, views, _LOWERINGS)
         subgraph, externals = self._group_subgraph(group, buffers)
         stored = [n for n, _ in group.stores()]
         header = f"# {group.name}: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}"
@@ -442,10 +446,10 @@ class ModuleWriter:
             "",
             "import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.*)",
             "from flagtree_py.runtime.launch import cdiv, run",
-            "",
-            "aten = torch.ops.aten",
-            "prims = torch.ops.prims",
         ]
+        if self.uses_gemm:
+            header.append("from flagtree_py.runtime.autotune import GemmGrid, run_gemm")
+        header += ["", "aten = torch.ops.aten", "prims = torch.ops.prims"]
         header += [f"{name} = torch.device({device!r})" for device, name in self.devices.items()]
         header += ["constants = {}  # filled by the loader (get_attr tensors)", ""]
         parts = ["\n".join(header)]

@@ -8,6 +8,11 @@ extra output when its shape fits that group's iteration space (the residual sum 
 norm kernel that reads it), else it starts a group of its own. Groups are vertices of a
 networkx DAG together with the extern ops; a merge that would close a cycle is refused.
 
+A GEMM the template takes (`gemm_templates`) is a group's anchor: it joins the pointwise group
+that consumes all of its output (the epilogue: bias, residual add, activation, silu(gate) * up
+over the two halves of a merged projection), or else starts a group of its own that stores it.
+Its operands are always materialized: a GEMM group takes no producers.
+
 A group iterates over `full_shape`; `rdims` are the dimensions its reductions reduce (empty for
 a pointwise group). A stored node is a "full" member (shape == full_shape) or an "outer" member
 (the reduced shape, with or without the reduced dims kept as 1).
@@ -23,6 +28,7 @@ import torch
 import torch.fx
 
 from flagtree_py.codegen import indexing
+from flagtree_py.codegen.gemm import gemm_operands
 from flagtree_py.codegen.lowerings import classify, reduction_dims
 
 
@@ -34,6 +40,8 @@ class FusionGroup:
     members: set = field(default_factory=set)  # every node computed in the kernel
     stored: dict = field(default_factory=dict)  # node -> "full" | "outer"
     reductions: list = field(default_factory=list)
+    gemm: torch.fx.Node | None = None  # the mm/addmm this group's kernel is a GEMM template for
+    operand_ancestors: set | None = None  # what the GEMM's operands depend on (computed once)
 
     def stores(self) -> list[tuple[torch.fx.Node, str]]:
         return sorted(self.stored.items(), key=lambda item: _order(item[0]))
@@ -58,7 +66,7 @@ class FusionGroup:
         ops = []
         for node in self.ordered_members():
             op = getattr(node.target, "__name__", str(node.target)).split(".")[0].lstrip("_")
-            if kinds_cache.get(node) in ("pointwise", "reduction") and op not in ops:
+            if kinds_cache.get(node) in ("pointwise", "reduction", "gemm") and op not in ops:
                 ops.append(op)
         label = "_".join(ops[:4]) or "copy"
         return f"k{self.id}_{label}"
@@ -74,7 +82,7 @@ def _order(node: torch.fx.Node) -> int:
 @dataclass
 class Partition:
     groups: list[FusionGroup]
-    kinds: dict  # node -> "placeholder" | "constant" | "pointwise" | "view" | "reduction" | "extern" | "symbolic" | "output"
+    kinds: dict  # node -> "placeholder" | "constant" | "pointwise" | "view" | "reduction" | "gemm" | "extern" | "symbolic" | "output"
     group_of: dict  # node -> FusionGroup (members only)
     dag: nx.DiGraph
 
@@ -83,8 +91,9 @@ def shape(node: torch.fx.Node) -> tuple:
     return indexing.shape_of(node.meta["val"].shape)
 
 
-def partition_fusion_groups(graph: torch.fx.Graph, device_type: str) -> Partition:
-    """Partition for kernels that run on `device_type` ("cuda", or "cpu" for the interpreter)."""
+def partition_fusion_groups(graph: torch.fx.Graph, device_type: str, gemm_templates: bool = True) -> Partition:
+    """Partition for kernels that run on `device_type` ("cuda", or "cpu" for the interpreter);
+    with `gemm_templates`, GEMMs become template groups instead of extern aten calls."""
     nodes = list(graph.nodes)
     for position, node in enumerate(nodes):
         node.meta["_order"] = position
@@ -103,6 +112,10 @@ def partition_fusion_groups(graph: torch.fx.Graph, device_type: str) -> Partitio
                 kinds[node] = "extern"  # e.g. a 0-dim CPU tensor in a CUDA graph: stays aten
         else:
             kinds[node] = "extern"
+    if gemm_templates:
+        for node in nodes:
+            if kinds[node] == "extern" and node.op == "call_function" and gemm_operands(node, kinds) is not None:
+                kinds[node] = "gemm"
     kinds_cache.clear()
     kinds_cache.update(kinds)
 
@@ -138,6 +151,20 @@ def partition_fusion_groups(graph: torch.fx.Graph, device_type: str) -> Partitio
         kind = kinds[node]
         if kind in ("extern",):
             link(node, effective_users(node))
+            continue
+        if kind == "gemm":
+            users = effective_users(node)
+            consumer_groups = {group_of[u] for u in users if u in group_of}
+            external = any(u not in group_of for u in users) or not users
+            group = next(iter(consumer_groups)) if len(consumer_groups) == 1 and not external else None
+            if group is None or not _epilogue_fits(node, group):
+                group = FusionGroup(len(groups), shape(node))
+                groups.append(group)
+                group.stored[node] = "full"
+            group.gemm = node
+            group.members.add(node)
+            group_of[node] = group
+            link(group, users)
             continue
         if kind not in ("pointwise", "reduction"):
             continue
@@ -241,13 +268,43 @@ def _same_rows_permuted(source, dims, full_shape, rdims) -> bool:
     return True
 
 
+def _epilogue_fits(gemm: torch.fx.Node, group: FusionGroup) -> bool:
+    """Whether `group` can be `gemm`'s epilogue: pointwise, no GEMM yet, iterating rows x columns
+    (size-1 dims aside) with the GEMM's rows. The kernel builder checks every read of the GEMM."""
+    if group.gemm is not None or group.rdims:
+        return False
+    rows, columns = shape(gemm)
+    space = [size for size in group.full_shape if size != 1]
+    expected = [columns] if rows == 1 else [rows, columns]
+    return len(space) == len(expected) and (len(space) == 1 or indexing.same(space[0], rows))
+
+
+def _feeds_gemm(node, group: FusionGroup) -> bool:
+    """Whether `node` is an ancestor of the GEMM's operands A and B: those are materialized (the
+    template reads them tile by tile), so their producers never join the GEMM's group. A bias is
+    read by the epilogue, like any other input: its producers may be computed there."""
+    if group.operand_ancestors is None:
+        found, stack = set(), [a for a in group.gemm.args[-2:] if isinstance(a, torch.fx.Node)]
+        while stack:
+            current = stack.pop()
+            if current not in found:
+                found.add(current)
+                stack.extend(current.all_input_nodes)
+        group.operand_ancestors = found
+    return node in group.operand_ancestors
+
+
 def _fits_internal(node, kind, group: FusionGroup) -> bool:
+    if group.gemm is not None:
+        return kind == "pointwise" and not _feeds_gemm(node, group)
     if kind == "pointwise":
         return True
     return _reduction_fits(node, group)
 
 
 def _fits_stored(node, kind, group: FusionGroup) -> str | None:
+    if group.gemm is not None and (kind != "pointwise" or _feeds_gemm(node, group)):
+        return None
     if kind == "reduction":
         if not _reduction_fits(node, group):
             return None

@@ -101,8 +101,13 @@ class BinaryKernel:
         # an int built as i32 must still fit when a dynamic size grows
         self.narrow_ints = [i for i, (kind, value) in enumerate(signature["arguments"])
                             if kind == "int" and _I32[0] <= value < _I32[1]]
+        # tile sizes and launch options are baked into the binary: a launch with other ones (a GEMM's
+        # tile for another M bucket, an autotuner's trial) is not this binary's
+        self.meta = dict(signature.get("meta", {}))
 
-    def accepts(self, args: tuple) -> bool:
+    def accepts(self, args: tuple, meta: dict | None = None) -> bool:
+        if meta is not None and dict(meta) != self.meta:
+            return False
         return len(args) == self.arity and all(_I32[0] <= args[i] < _I32[1] for i in self.narrow_ints)
 
     def launch(self, grid: tuple, args: tuple, meta: dict) -> None:

@@ -44,6 +44,16 @@ class GuardedKernel:
         counters["triton_compiles"] += 1
         if self.on_compile is not None:
             self.on_compile(self.name)
+        self.tuner = None  # GEMM kernels: runtime/autotune.py chooses their tile per M bucket
+        self.candidates: dict | None = None
+
+    def launch_unguarded(self, grid, args, meta) -> None:
+        """Launch with no fallback: the autotuner's trial of a tile, whose failure rejects the tile."""
+        if self.interpreted:
+            with _interpreter_stdlib():
+                self.kernel[grid](*args, **meta)
+        else:
+            self.kernel[grid](*args, **meta)
 
     def launch(self, grid, args, meta) -> None:
         if self.signature is None:
@@ -52,7 +62,7 @@ class GuardedKernel:
             self.signature = launch_signature(args, meta)
         if _DRY_RUN:  # flagtree compile: the signature is what was wanted; nothing runs
             return
-        if self.binary is not None and self.failed is None and self.binary.accepts(args):
+        if self.binary is not None and self.failed is None and self.binary.accepts(args, meta):
             try:
                 self.binary.launch(grid, args, meta)
                 counters["binary_launches"] += 1

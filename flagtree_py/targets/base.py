@@ -23,6 +23,41 @@ class TileConfig:
 
 
 @dataclass(frozen=True)
+class GemmConfig:
+    """One GEMM tile: a program computes BLOCK_M x BLOCK_N of the output, BLOCK_K at a time.
+
+    SPLIT_K > 1 is the decode (few rows) form: K is cut into SPLIT_K slices whose partial sums
+    a second kernel adds in a fixed order (deterministic, unlike atomics).
+    """
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    threads: int = 128
+    num_stages: int = 3
+    SPLIT_K: int = 1
+
+    def shared_memory_bytes(self, element_bytes: int, accumulators: int) -> int:
+        """Operand tiles held in shared memory across the software pipeline's stages."""
+        tile = self.BLOCK_M * self.BLOCK_K + accumulators * self.BLOCK_K * self.BLOCK_N
+        return tile * element_bytes * max(1, self.num_stages)
+
+
+#: M buckets of the GEMM template, chosen per call by the wrapper: decode (split-K), small, large
+GEMM_BUCKETS = (("m16", 16), ("m128", 128), ("large", None))
+
+_GEMM_TILES = {
+    # decode: BLOCK_M=16 is tl.dot's smallest M; split-K gives the few rows enough programs
+    "m16": (GemmConfig(16, 64, 128, 128, 4, 8), GemmConfig(16, 128, 64, 128, 4, 4),
+            GemmConfig(16, 32, 256, 128, 3, 8), GemmConfig(16, 64, 64, 128, 4, 16)),
+    "m128": (GemmConfig(64, 64, 64, 128, 4), GemmConfig(32, 64, 128, 128, 4), GemmConfig(64, 128, 64, 256, 3),
+             GemmConfig(128, 64, 64, 256, 3)),
+    "large": (GemmConfig(128, 128, 64, 256, 3), GemmConfig(128, 256, 64, 256, 3), GemmConfig(64, 128, 64, 128, 4),
+              GemmConfig(128, 64, 64, 128, 4), GemmConfig(128, 128, 32, 256, 4)),
+}
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     name: str  # unique: "nvidia-sm90", "metax-c500", ...
     vendor: str  # "nvidia" | "metax" | "iluvatar" | "interpreter" | a plugin's own
@@ -44,6 +79,8 @@ class TargetSpec:
     # the target's own Jinja templates, searched before the generic ones (codegen/templates); its
     # contents are hashed, not its path, so an entry's key is the same wherever flagtree is installed
     template_dir: str | None = field(default=None, compare=False)
+    # GEMM template tiles per M bucket, best guess first (the heuristic config without autotuning)
+    gemm_tiles: dict = field(default_factory=lambda: dict(_GEMM_TILES))
     source: str = ""  # where the figures come from
     toolchain: str = ""  # e.g. "triton-3.6.0"; part of the hash
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -84,6 +121,26 @@ class TargetSpec:
         if tile.threads > self.warp_size:
             return replace(tile, threads=tile.threads // 2)
         return None
+    def gemm_candidates(self, bucket: str, element_bytes: int, accumulators: int) -> list[GemmConfig]:
+        """The bucket's tiles on this target: a tile whose pipeline does not fit the shared memory
+        keeps fewer stages (64 KB chips), one that never fits, needs too many threads or holds
+        too many accumulators for the registers is dropped; never none (a small tile that fits any chip closes an empty list)."""
+        found: list[GemmConfig] = []
+        for tile in self.gemm_tiles[bucket]:
+            stages = tile.num_stages
+            while stages > 1 and replace(tile, num_stages=stages).shared_memory_bytes(
+                    element_bytes, accumulators) > self.shared_memory_per_block:
+                stages -= 1
+            fitted = replace(tile, num_stages=stages)
+            # fp32 accumulators live in registers: past half the register file they spill
+            registers = accumulators * tile.BLOCK_M * tile.BLOCK_N
+            if self.registers_per_block is not None and registers > self.registers_per_block // 2:
+                continue
+            if (fitted.shared_memory_bytes(element_bytes, accumulators) <= self.shared_memory_per_block
+                    and tile.threads <= self.max_threads_per_block and fitted not in found):
+                found.append(fitted)
+        smallest = self.gemm_tiles[bucket][-1]
+        return found or [GemmConfig(16, 32, 32, 2 * self.warp_size, 1, smallest.SPLIT_K)]
 
     def hash(self) -> str:
         fields = asdict(self)

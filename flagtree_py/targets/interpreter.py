@@ -3,7 +3,7 @@
 Each program instance is a Python-level step over numpy arrays, so large blocks run fastest.
 """
 
-from flagtree_py.targets.base import TargetSpec
+from flagtree_py.targets.base import GemmConfig, TargetSpec
 
 INTERPRETER = TargetSpec(
     name="interpreter",
@@ -21,6 +21,12 @@ INTERPRETER = TargetSpec(
     reduction_elements=65536,
     persistent_reduction_limit=16384,
     looped_rblock=4096,
+    # small tiles: tests use tiny shapes, and odd sizes must cross tile edges
+    gemm_tiles={
+        "m16": (GemmConfig(16, 32, 16, 128, 1, 2), GemmConfig(16, 16, 16, 128, 1, 3)),
+        "m128": (GemmConfig(16, 32, 32, 128, 1), GemmConfig(32, 16, 16, 128, 1)),
+        "large": (GemmConfig(32, 32, 32, 128, 1), GemmConfig(64, 64, 16, 128, 1)),
+    },
     source="no hardware: Triton's interpreter (TRITON_INTERPRET)",
 )
 

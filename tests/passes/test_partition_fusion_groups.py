@@ -48,7 +48,7 @@ def test_values_used_by_an_extern_are_stored_and_the_dag_is_acyclic():
         return torch.softmax(b + a, -1)  # reads the extern's output and a again
 
     gm = _aten_graph(f, torch.randn(4, 16), torch.randn(16, 16), torch.randn(16, 16))
-    partition = partition_fusion_groups(gm.graph, "cpu")
+    partition = partition_fusion_groups(gm.graph, "cpu", gemm_templates=False)
     assert nx.is_directed_acyclic_graph(partition.dag)
     relu = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.relu.default)
     assert relu in partition.group_of[relu].stored
@@ -64,11 +64,31 @@ def test_a_merge_that_would_close_a_cycle_is_refused():
         return (p * 2 + q).sum(-1)
 
     gm = _aten_graph(f, torch.randn(8, 8), torch.randn(8, 8))
-    partition = partition_fusion_groups(gm.graph, "cpu")
+    partition = partition_fusion_groups(gm.graph, "cpu", gemm_templates=False)
     assert nx.is_directed_acyclic_graph(partition.dag)
     exp = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.exp.default)
     total = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.sum.dim_IntList)
     assert partition.group_of[exp] is not partition.group_of[total]
+
+
+def test_gemm_groups_take_their_pointwise_epilogue_and_never_their_operands():
+    def f(x, w1, w2):
+        p = x.exp()  # A of the first GEMM: a producer, materialized, never in the GEMM's group
+        a = torch.relu(p @ w1)  # GEMM + epilogue; a is read again below: stored by that group
+        b = a @ w2  # its only reader is a reduction group: this GEMM stands alone and stores b
+        return torch.softmax(b + a, -1)
+
+    gm = _aten_graph(f, torch.randn(4, 16), torch.randn(16, 16), torch.randn(16, 16))
+    partition = partition_fusion_groups(gm.graph, "cpu")
+    assert nx.is_directed_acyclic_graph(partition.dag)
+    node = {n.target: n for n in gm.graph.nodes}
+    aten = torch.ops.aten
+    mm1, mm2 = (n for n in gm.graph.nodes if n.target == aten.mm.default)
+    relu_group = partition.group_of[node[aten.relu.default]]
+    assert relu_group.gemm is mm1 and set(relu_group.stored) == {node[aten.relu.default]}
+    assert partition.group_of[node[aten.exp.default]] is not relu_group
+    assert partition.group_of[mm2].gemm is mm2 and set(partition.group_of[mm2].stored) == {mm2}
+    assert len(partition.groups) == 4  # exp, mm1+relu, mm2, softmax
 
 
 def test_norm_read_through_a_transpose_and_a_broadcast_stays_in_the_consumer_group():

@@ -36,8 +36,9 @@ def test_each_target_lowers_and_matches_eager(preset):
         record, source = _compile(preset, name)
         target = get_target(name)
         assert record["target"] == target.name and record["triton_kernels"] > 0
-        launches = re.findall(r"run\((k\d+\w*), .*num_warps=(\d+)", source)
-        assert len(launches) == record["triton_kernels"]
+        # GEMM template kernels launch through run_gemm, and may have one line per M bucket
+        launches = re.findall(r"run(?:_gemm)?\((k\d+\w*), .*num_warps=(\d+)", source)
+        assert len({name for name, _ in launches}) == record["triton_kernels"]
         for _, count in launches:
             assert int(count) * target.warp_size <= target.max_threads_per_block
         warps[name] = [int(count) for _, count in launches]

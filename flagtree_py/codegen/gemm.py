@@ -1,0 +1,404 @@
+"""Lower a GEMM fusion group (mm/addmm plus its pointwise epilogue) to flagtree's GEMM template.
+
+The partitioner hands over a group whose members are one GEMM node and the pointwise ops that
+consume it (see passes/partition_fusion_groups.py). The epilogue is built by the ordinary
+`KernelBuilder`, asked for values on a 2-D tile: the group's row variable prints as `xm`
+(`rm[:, None]`) and its column variable as `xn` (`rn[None, :]`); wherever the epilogue reads the
+GEMM at column `xn + c`, that is accumulator `acc<j>` of the tile, computed against the columns
+`c .. c + N` of B. A merged gate/up projection read through two slices thus becomes two
+accumulators and `silu(acc0) * acc1`, and only the product is stored.
+
+Operands are read in place through the strides of their views: a transposed weight (`permute`,
+`t`) is a stride swap, never a copy. The wrapper picks the kernel per call from the row count M
+(symbolic: one compile serves all): few rows (decode) run the split-K pair, more the tiled kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx
+
+from flagtree_py.codegen import indexing
+from flagtree_py.codegen.indexing import LoweringError, pexpr
+from flagtree_py.codegen.kernel import _PLACEHOLDER, KernelBuilder
+from flagtree_py.codegen.types import Value, compute_dtype, triton_dtype
+from flagtree_py.targets.base import GEMM_BUCKETS, GemmConfig
+
+aten = torch.ops.aten
+GEMM_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+#: the split-K sum is elementwise over the tile: one modest shape serves every GEMM
+REDUCE_TILE = {"BLOCK_M": 16, "BLOCK_N": 64}
+GROUP_M = 8
+
+
+@dataclass
+class GemmOperands:
+    """mm(A, B) or addmm(bias, A, B), with A and B traced through views to their buffers."""
+
+    node: torch.fx.Node
+    a: torch.fx.Node  # the operand as the GEMM reads it (often a view)
+    b: torch.fx.Node
+    a_base: torch.fx.Node  # the materialized buffer under the views
+    b_base: torch.fx.Node
+    bias: torch.fx.Node | None
+    m: sympy.Expr
+    n: sympy.Expr
+    k: int
+
+
+def gemm_operands(node: torch.fx.Node, kinds: dict) -> GemmOperands | None:
+    """The template's reading of `node`, or None when the template does not take this form."""
+    if node.target == aten.mm.default and len(node.args) == 2 and not node.kwargs:
+        a, b = node.args
+        bias = None
+    elif node.target == aten.addmm.default and len(node.args) == 3 and all(
+            node.kwargs.get(name, 1) == 1 for name in ("beta", "alpha")) and set(node.kwargs) <= {"beta", "alpha"}:
+        bias, a, b = node.args
+    else:
+        return None
+    val = node.meta.get("val")
+    operands = [a, b] + ([bias] if bias is not None else [])
+    if not isinstance(val, torch.Tensor) or val.dtype not in GEMM_DTYPES or val.device.type == "meta":
+        return None
+    for operand in operands:
+        if not isinstance(operand, torch.fx.Node):
+            return None
+        ov = operand.meta.get("val")
+        if not isinstance(ov, torch.Tensor) or ov.dtype != val.dtype or ov.device != val.device:
+            return None
+    m, n = indexing.shape_of(val.shape)
+    k = indexing.as_expr(a.meta["val"].shape[1])
+    if not (k.is_Integer and n.is_Integer) or int(k) == 0:
+        return None  # weights have static shapes; a symbolic K or N is attention's, not a projection's
+    if bias is not None and bias.meta["val"].dim() > 2:
+        return None
+    bases = [_base(x, kinds) for x in (a, b)]
+    if any(base is None for base in bases):
+        return None
+    return GemmOperands(node, a, b, bases[0], bases[1], bias, m, n, int(k))
+
+
+def _base(node: torch.fx.Node, kinds: dict) -> torch.fx.Node | None:
+    while kinds.get(node) == "view":
+        node = node.args[0]
+    if kinds.get(node) in ("placeholder", "constant", "extern", "pointwise", "reduction", "gemm"):
+        return node
+    return None
+
+
+@dataclass
+class GemmSpec:
+    """What gemm.py.jinja needs; `arguments`/`name` also serve the writer's aten fallback."""
+
+    name: str
+    arguments: list[str]
+    launch_args: list[str]
+    partial_arguments: list[str]
+    partial_launch_args: list[str]
+    a_ptr: str
+    b_ptr: str
+    m: str
+    n: str
+    k: int
+    a_offset: str
+    stride_am: str
+    stride_ak: str
+    b_offset: str
+    stride_bk: str
+    stride_bn: str
+    offsets: list[int]
+    dot_options: str
+    epilogue: list[str]
+    index_dtype: str
+    symbols: list[str]
+    unspecialized: list[str]
+    partial_unspecialized: list[str]
+    comment: list[str] = field(default_factory=list)
+    m_expr: sympy.Expr | None = None  # rows and columns of the tile space, as sympy
+    n_expr: sympy.Expr | None = None
+    tiled: bool = True
+    split: bool = True
+
+
+class GemmEpilogueBuilder(KernelBuilder):
+    """A `KernelBuilder` whose iteration space is one GEMM output tile, not a flat block."""
+
+    def __init__(self, group, buffers, lowerings, views, device_type: str, gemm: GemmOperands) -> None:
+        super().__init__(group, buffers, lowerings, views, 1, device_type)
+        self.gemm = gemm
+        self.m_var: sympy.Symbol | None = None
+        self.n_var: sympy.Symbol | None = None
+        self.offsets: list[int] = []  # B column offset of each accumulator
+
+        self._storing = False
+
+    def zeros(self, outer: bool = False) -> str:
+        return "tl.zeros([BLOCK_M, BLOCK_N], tl.int32)"
+
+    def store(self, node: torch.fx.Node, role: str) -> None:
+        self._storing = True
+        try:
+            super().store(node, role)
+        finally:
+            self._storing = False
+
+    def mask_for(self, expr: sympy.Expr) -> str | None:
+        # a store's pointer block must have the tile's shape (a load's may broadcast): an offset
+        # missing the row or the column variable (one row when M == 1) is widened by `store`
+        if self._storing and (self.m_var is None or not {self.m_var, self.n_var} <= expr.free_symbols):
+            return None
+        return super().mask_for(expr)
+
+    def value(self, node: torch.fx.Node, index, extra_mask: str | None = None) -> Value:
+        if node is not self.gemm.node:
+            return super().value(node, index, extra_mask)
+        key = ("gemm", tuple(index))
+        if key in self.scope.memo:
+            return self.scope.memo[key]
+        if extra_mask:
+            raise LoweringError("the GEMM output is read under a condition (cat/pad): not a tile epilogue")
+        row, column = (sympy.sympify(i) for i in index)
+        self._check_row(row)
+        name = f"acc{self._accumulator(column)}"
+        dtype = self.gemm.node.meta["val"].dtype
+        result = Value(name, torch.float32)
+        if self.gemm.bias is not None:
+            bias = self.to_compute(self.operand(self.gemm.bias, (row, column)), dtype)
+            result = self.emit(f"{name} + {bias.name}", torch.float32)
+        if compute_dtype(dtype) != dtype:  # eager rounds the GEMM's result before the epilogue reads it
+            rounded = self.emit(f"{result.name}.to({triton_dtype(dtype)}).to(tl.float32)", torch.float32)
+            result = Value(rounded.name, torch.float32, narrow=dtype)
+        self.scope.memo[key] = result
+        return result
+
+    def _check_row(self, row: sympy.Expr) -> None:
+        if row == 0 and indexing.same(self.gemm.m, sympy.Integer(1)):
+            return
+        if not (isinstance(row, sympy.Symbol) and row in self.full_vars) or self.m_var not in (None, row):
+            raise LoweringError(f"the epilogue reads GEMM row {row}: not one tile row")
+        self.m_var = row
+
+    def _accumulator(self, column: sympy.Expr) -> int:
+        variables = column.free_symbols & set(self.full_vars)
+        if len(variables) != 1 or column.free_symbols - variables:
+            raise LoweringError(f"the epilogue reads GEMM column {column}: not a column range")
+        variable = next(iter(variables))
+        offset = sympy.expand(column - variable)
+        if not offset.is_Integer or int(offset) < 0 or self.n_var not in (None, variable):
+            raise LoweringError(f"the epilogue reads GEMM column {column}: not a column range")
+        self.n_var = variable
+        if int(offset) not in self.offsets:
+            if len(self.offsets) == 4:
+                raise LoweringError("more than 4 column ranges of one GEMM")
+            self.offsets.append(int(offset))
+        return self.offsets.index(int(offset))
+
+    def _finish(self, name, comment, index_dtype, outer_lines, loop_lines) -> GemmSpec:
+        if self.n_var is None:
+            raise LoweringError("the group never reads its GEMM")
+        full = self.group.full_shape
+        tile_vars = {self.m_var, self.n_var} - {None}
+        for variable, size in zip(self.full_vars, full):
+            if isinstance(variable, sympy.Symbol) and variable not in tile_vars:
+                raise LoweringError(f"the epilogue iterates a dimension of size {size} outside the GEMM tile")
+        m = full[self.full_vars.index(self.m_var)] if self.m_var is not None else sympy.Integer(1)
+        n = full[self.full_vars.index(self.n_var)]
+        if not indexing.same(m, self.gemm.m):
+            raise LoweringError(f"the epilogue has {m} rows, the GEMM {self.gemm.m}")
+        if not n.is_Integer or any(c + int(n) > int(self.gemm.n) for c in self.offsets):
+            raise LoweringError(f"column ranges {self.offsets} of width {n} exceed the GEMM's {self.gemm.n}")
+        a_val, b_val = self.gemm.a.meta["val"], self.gemm.b.meta["val"]
+        layout = [indexing.as_expr(x) for x in (a_val.storage_offset(), *a_val.stride(),
+                                                 b_val.storage_offset(), *b_val.stride())]
+        for expr in layout + [m]:
+            self.symbols |= expr.free_symbols
+        rename = {self.n_var: sympy.Symbol("xn", integer=True, nonnegative=True)}
+        if self.m_var is not None:
+            rename[self.m_var] = sympy.Symbol("xm", integer=True, nonnegative=True)
+        printed = [pexpr(sympy.sympify(e).xreplace(rename)) for e in self.expressions]
+        lines = [_PLACEHOLDER.sub(lambda match: printed[int(match.group(1))], line) for line in self.body.lines]
+        symbols = sorted({s.name for s in self.symbols} - {"xm", "xn"} - {v.name for v in self.indirect})
+        scalars = [scalar for scalar, _ in self.scalars.values()]
+        arguments = list(self.inputs.values()) + list(self.outputs.values()) + scalars + symbols
+        convert = {True: "float", False: "int"}
+        launch = (list(self.inputs) + list(self.outputs)
+                  + [f"{convert[dtype.is_floating_point]}({buffer})" for buffer, (_, dtype) in self.scalars.items()]
+                  + symbols)
+        a_ptr = self.inputs[self.buffers[self.gemm.a_base]]
+        b_ptr = self.inputs[self.buffers[self.gemm.b_base]]
+        pointers = dict.fromkeys([a_ptr, b_ptr])
+        wrapper_name = {pointer: buffer for buffer, pointer in self.inputs.items()}
+        unspecialized = [scalar for scalar, dtype in self.scalars.values() if not dtype.is_floating_point] + symbols
+        # fp32 operands: full-precision products, as eager's fp32 mm (Triton would use TF32)
+        dot_options = ', input_precision="ieee"' if self.gemm.node.meta["val"].dtype == torch.float32 else ""
+        return GemmSpec(
+            name=name, arguments=arguments, launch_args=launch,
+            partial_arguments=[*pointers, "workspace", *symbols],
+            partial_launch_args=[*(wrapper_name[p] for p in pointers), f"{name}_workspace", *symbols],
+            a_ptr=a_ptr, b_ptr=b_ptr, m=pexpr(m), n=pexpr(n), k=self.gemm.k,
+            a_offset=pexpr(layout[0]), stride_am=pexpr(layout[1]), stride_ak=pexpr(layout[2]),
+            b_offset=pexpr(layout[3]), stride_bk=pexpr(layout[4]), stride_bn=pexpr(layout[5]),
+            offsets=list(self.offsets), dot_options=dot_options, epilogue=lines, index_dtype=index_dtype,
+            symbols=symbols, unspecialized=unspecialized, partial_unspecialized=symbols, comment=comment,
+            m_expr=m, n_expr=n,
+        )
+
+
+def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list[dict]]:
+    """Launch parameters per M bucket, the heuristic one first: the target's tiles that fit it.
+
+    Decode tiles share one SPLIT_K (the workspace and the reduce kernel depend on it): the
+    heuristic tile's, no larger than the number of BLOCK_K steps in K.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    accumulators = len(spec.offsets)
+    configs: dict[str, list[dict]] = {}
+    for bucket, _ in GEMM_BUCKETS:
+        tiles: list[GemmConfig] = target.gemm_candidates(bucket, element, accumulators)
+        if bucket == "m16":
+            split = max(1, min(tiles[0].SPLIT_K, -(-spec.k // tiles[0].BLOCK_K)))
+            configs[bucket] = [_meta(target, t) | {"SPLIT_K": split} for t in tiles]
+        else:
+            configs[bucket] = [_meta(target, t) | {"GROUP_M": GROUP_M} for t in tiles]
+    return configs
+
+
+def _meta(target, tile: GemmConfig) -> dict:
+    meta = {"BLOCK_M": tile.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K,
+            "num_warps": target.num_warps(tile.threads)}
+    if tile.num_stages != 1:
+        meta["num_stages"] = tile.num_stages
+    return meta
+
+
+def launch_lines(spec: GemmSpec, configs: dict, m: str, n: str, device: str, reduce_warps: int) -> tuple[list, list]:
+    """The wrapper's per-call choice of kernel by M bucket, and the kernel names it launches.
+
+    A static M renders only its bucket; a symbolic one renders the `if` chain.
+    """
+    m_value = int(spec.m_expr) if spec.m_expr.is_Integer else None
+    branches = []
+    for bucket, limit in GEMM_BUCKETS:
+        if m_value is not None:
+            chosen = limit is None or m_value <= limit
+            if not chosen:
+                continue
+        branches.append((bucket, limit))
+        if m_value is not None:
+            break
+    spec.split = any(bucket == "m16" for bucket, _ in branches)
+    spec.tiled = any(bucket != "m16" for bucket, _ in branches)
+    lines, names = [], []
+    for position, (bucket, limit) in enumerate(branches):
+        body = _bucket_body(spec, bucket, configs[bucket][0], m, n, device, reduce_warps)
+        if len(branches) == 1:
+            lines += body
+            continue
+        keyword = "if" if position == 0 else ("else" if limit is None else "elif")
+        lines.append(f"{keyword}:" if limit is None else f"{keyword} {m} <= {limit}:")
+        lines += ["    " + line for line in body]
+    if spec.split:
+        names += [f"{spec.name}_partial", f"{spec.name}_reduce"]
+    if spec.tiled:
+        names.insert(0, spec.name)
+    return lines, names
+
+
+def _bucket_body(spec: GemmSpec, bucket: str, meta: dict, m: str, n: str, device: str, reduce_warps: int) -> list:
+    def keywords(values: dict) -> str:
+        return ", ".join(f"{key}={value}" for key, value in values.items())
+
+    if bucket != "m16":
+        return [f"run_gemm({spec.name}, {bucket!r}, GemmGrid({m}, {n}), {', '.join(spec.launch_args)}, {keywords(meta)})"]
+    split = meta["SPLIT_K"]
+    shape = f"({split}, {len(spec.offsets)}, {m}, {n})"
+    reduce = REDUCE_TILE | {"SPLIT_K": split, "num_warps": reduce_warps}
+    return [
+        f"{spec.name}_workspace = torch.empty({shape}, dtype=torch.float32, device={device})",
+        (f"run_gemm({spec.name}_partial, 'm16', GemmGrid({m}, {n}, {split}), "
+         f"{', '.join(spec.partial_launch_args)}, {keywords(meta)})"),
+        (f"run({spec.name}_reduce, (cdiv({m}, {reduce['BLOCK_M']}) * cdiv({n}, {reduce['BLOCK_N']}),), "
+         f"{spec.name}_workspace, {', '.join(spec.launch_args)}, {keywords(reduce)})"),
+    ]
+
+
+def partial_fallback_source(spec: GemmSpec, gemm: GemmOperands) -> str:
+    """The partial kernel's aten twin: the whole product into split 0, zeros in the others, so
+    that the reduce kernel (or its own fallback) finishes correctly whichever of them ran."""
+    b_val = gemm.b.meta["val"]
+    a_ptr, b_ptr = spec.a_ptr, spec.b_ptr
+    sizes_a = f"({spec.m}, {spec.k})"
+    sizes_b = f"({spec.k}, {pexpr(indexing.as_expr(b_val.shape[1]))})"
+    lines = [f"def {spec.name}_partial_fallback({', '.join(spec.partial_arguments)}):",
+             f'    """{spec.name}_partial with aten ops: used if the kernel fails to build or run."""',
+             f"    a = torch.as_strided({a_ptr}, {sizes_a}, ({spec.stride_am}, {spec.stride_ak}), {spec.a_offset})",
+             f"    b = torch.as_strided({b_ptr}, {sizes_b}, ({spec.stride_bk}, {spec.stride_bn}), {spec.b_offset})",
+             "    workspace.zero_()"]
+    for j, c in enumerate(spec.offsets):
+        lines.append(f"    workspace[0, {j}].copy_(torch.mm(a, b[:, {c}:{c} + {spec.n}]))")
+    return "\n".join(lines)
+
+
+def reduce_fallback_source(spec: GemmSpec) -> str:
+    return "\n".join([
+        f"def {spec.name}_reduce_fallback(workspace, {', '.join(spec.arguments)}):",
+        f'    """{spec.name}_reduce with aten ops: the whole group, from the operands."""',
+        f"    {spec.name}_fallback({', '.join(spec.arguments)})",
+    ])
+
+
+def lower_gemm_group(writer, group, buffers: dict, views: set, lowerings: dict) -> tuple[str | None, list[str]]:
+    """The kernels, aten twins and wrapper lines of one GEMM group (ModuleWriter.lower_group's
+    counterpart); a form the template cannot take becomes aten, as other groups do."""
+    from flagtree_py.codegen.wrapper import _TEMPLATES, KernelRecord
+
+    subgraph, externals = writer._group_subgraph(group, buffers)
+    stored = [n for n, _ in group.stores()]
+    computes = ", ".join(n.name for n in group.ordered_members() if writer.kinds[n] != "view")
+    header = f"# {group.name}: {computes}"
+    try:
+        gemm = gemm_operands(group.gemm, writer.kinds)
+        if gemm is None or gemm.a_base not in buffers or gemm.b_base not in buffers:
+            raise LoweringError(f"{group.gemm.name} is not a form the GEMM template takes")
+        builder = GemmEpilogueBuilder(group, buffers, lowerings, views, writer.device_type, gemm)
+        for node in [gemm.a_base, gemm.b_base, *externals]:
+            builder.add_input(node, buffers[node])
+        builder.symbols |= writer._subgraph_symbols(subgraph)
+        index_dtype = "int64" if writer._needs_int64(group) else "int32"
+        spec = builder.build(group.name, [], index_dtype)
+        dtype = group.gemm.meta["val"].dtype
+        configs = bucket_configs(writer.target, spec, dtype)
+        device = writer.device(group.gemm.meta["val"].device)
+        m, n = writer.expr(spec.m_expr), writer.expr(spec.n_expr)
+        calls, names = launch_lines(spec, configs, m, n, device, writer.target.num_warps(128))
+    except LoweringError as error:
+        writer.out.codegen_fallbacks.append({"group": group.name, "reason": str(error)})
+        lines = [header + " (aten: " + str(error).replace("\n", " ")[:120] + ")"]
+        return None, lines + [writer.call_line(node) for node in subgraph]
+    writer.uses_gemm = True
+    writer.out.lowered_nodes += sum(1 for node in group.members if writer.kinds[node] not in ("view", "gemm"))
+    spec.comment = [f"computes: {computes}", f"stores: {', '.join(n.name for n in stored)}",
+                    f"accumulators: B columns {', '.join(f'{c}..{c}+N' for c in spec.offsets)}"]
+    source = _TEMPLATES.get_template("gemm.py.jinja").render(k=spec)
+    sections = [source, writer._fallback_source(spec, subgraph, stored, builder)]
+    if spec.split:
+        sections += [partial_fallback_source(spec, gemm), reduce_fallback_source(spec)]
+    tuning = {}
+    if spec.tiled:
+        tuning[spec.name] = {b: c for b, c in configs.items() if b != "m16"}
+    if spec.split:
+        tuning[f"{spec.name}_partial"] = {"m16": configs["m16"]}
+    sections.append("\n".join(f"{name}_candidates = {value!r}" for name, value in tuning.items()))
+    members = [node.name for node in group.ordered_members()]
+    for name in names:
+        bucket_meta = (tuning.get(name) or {"m16": [REDUCE_TILE]})
+        first = next(iter(bucket_meta.values()))[0]
+        writer.out.kernels.append(KernelRecord(
+            name=name, group_id=group.id, kind="gemm", source=source,
+            config={**first, "buckets": sorted(bucket_meta), "index_dtype": index_dtype},
+            nodes=members, stored=[node.name for node in stored]))
+    call = [header] + [writer.allocation(node) for node in stored] + calls
+    return "\n\n\n".join(sections), call
