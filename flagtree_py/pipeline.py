@@ -2,7 +2,7 @@
 
     capture   (backend.py)  Dynamo's FX graph -> AOTAutograd inference graph in core aten ops,
                             dynamic sizes kept as sympy symbols
-    canonicalize            dead code, common subexpressions, splits into slices, views that do nothing
+    canonicalize            attention forms -> flagtree::attention (K/V repeat looked through), dead code, common subexpressions, splits into slices, views that do nothing
     fuse                    LLM patterns (RMSNorm, add+RMSNorm, q/k norm+RoPE, RoPE, SwiGLU) stamped,
                             counted, and each kept in one kernel by the partitioner
     partition               fusion groups on a networkx DAG (vertical fusion, no cycles)
@@ -36,6 +36,7 @@ from flagtree_py.passes.decompose_split import decompose_split
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
 from flagtree_py.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from flagtree_py.passes.fuse_attention import fuse_attention
 from flagtree_py.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
 from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
 from flagtree_py.passes.fuse_rope import fuse_rope
@@ -48,6 +49,7 @@ from flagtree_py.targets import select_target
 
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
 CANONICALIZE = [
+    fuse_attention,  # every SDPA form -> flagtree::attention on un-repeated K/V (the repeat dies next)
     eliminate_dead_code,
     eliminate_common_subexpressions,
     decompose_split,  # split pieces become slices: views that kernels fold

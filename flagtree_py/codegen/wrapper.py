@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 from flagtree_py.codegen import indexing
+from flagtree_py.codegen.attention import AttentionWriter
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
@@ -30,6 +31,10 @@ _TEMPLATES = jinja2.Environment(
     keep_trailing_newline=True,
     undefined=jinja2.StrictUndefined,
 )
+
+
+def render_template(name: str, **values) -> str:
+    return _TEMPLATES.get_template(name).render(**values)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class ModuleWriter:
         self.out = GeneratedModule(source="")
         self.bound: dict[sympy.Symbol, str] = {}
         self.devices: dict[str, str] = {}
+        self.attention = AttentionWriter(self)  # the hook for flagtree::attention nodes
 
     # -- printing ------------------------------------------------------------------------------
 
@@ -167,6 +173,7 @@ class ModuleWriter:
                 body.extend(group_calls[step])
         output = next(n for n in nodes if n.op == "output")
         body.append(f"return {self.arg(tuple(output.args[0]))}")
+        kernel_sections += self.attention.sections
         self.out.source = self._module_source(kernel_sections, placeholders, body)
         return self.out
 
@@ -210,6 +217,8 @@ class ModuleWriter:
             self.out.constants[node.name] = getattr(self.gm, node.target)
             self.out.constant_targets[node.name] = node.target
             return [f"{node.name} = constants[{node.name!r}]"]
+        if kind == "extern" and self.attention.handles(node):
+            return self.attention.lines(node)
         if kind == "extern":
             self.out.extern_ops.append(self.target_name(node))
             lines = [self.call_line(node)]
@@ -365,6 +374,7 @@ class ModuleWriter:
             "aten = torch.ops.aten",
             "prims = torch.ops.prims",
         ]
+        header += self.attention.imports()
         header += [f"{name} = torch.device({device!r})" for device, name in self.devices.items()]
         header += ["constants = {}  # filled by the loader (get_attr tensors)", ""]
         parts = ["\n".join(header)]

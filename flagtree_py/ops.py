@@ -1,0 +1,51 @@
+"""flagtree's own operators in FX graphs: `torch.ops.flagtree.*`.
+
+`flagtree::attention` is what `passes/fuse_attention.py` turns every supported scaled-dot-product
+attention form into: one op, whatever aten variant the device chose (`_scaled_dot_product_flash_attention`,
+`..._efficient_attention`, `..._flash_attention_for_cpu`, ...), with K/V heads *not* repeated for
+grouped-query attention (the op shares each K/V head between `q_heads // kv_heads` query heads). The
+wrapper lowers it to Triton kernels (codegen/attention.py); the eager implementation below is the
+reference the kernels are tested against and the aten fallback they run if they fail.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["attention", "attention_reference"]
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float, causal: bool) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, k/v heads shared by groups of q heads; [B, H, Sq, Dv] contiguous.
+
+    Causal is top-left aligned (query i sees keys j <= i), as in torch's SDPA. A row that sees no key
+    gives zeros (torch's `_safe_softmax` convention) rather than NaN.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        rows, cols = scores.shape[-2:]
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows: NaN -> 0
+    return torch.matmul(probabilities, v.float()).to(q.dtype).contiguous()
+
+
+@torch.library.custom_op("flagtree::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+              causal: bool) -> torch.Tensor:
+    return attention_reference(q, k, v, mask, scale, causal)
+
+
+@attention.register_fake
+def _(q, k, v, mask, scale, causal):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
