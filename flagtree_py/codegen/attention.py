@@ -171,6 +171,8 @@ class AttentionWriter:
         """Shrink the tiles until Q (resident) and `stages` K/V tiles fit the target's shared memory."""
         budget = self.writer.target.shared_memory_per_block
         d = _pow2(head_dim)
+        if shrink_m and d > 128:
+            block_m = min(block_m, 64)  # a [BLOCK_M, 256] fp32 accumulator of 128 rows spills registers
 
         def need(m, n, s):
             return (m * d + max(1, s) * 2 * n * d) * element + m * n * 4
