@@ -39,4 +39,5 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         fw_compiler=forward_compiler,
         bw_compiler=backward_compiler,
         decompositions=flagtree_decompositions(),
+        keep_inference_input_mutations=True,
     )

@@ -42,6 +42,7 @@ from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
 from flagtree_py.passes.fuse_rope import fuse_rope
 from flagtree_py.passes.fuse_silu_mul import fuse_silu_mul
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
+from flagtree_py.passes.reinplace_cache_writes import reinplace_cache_writes
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
 from flagtree_py.runtime.loader import bind_kernels, load_module
@@ -50,6 +51,7 @@ from flagtree_py.targets import select_target
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
 CANONICALIZE = [
     fuse_attention,  # every SDPA form -> flagtree::attention on un-repeated K/V (the repeat dies next)
+    reinplace_cache_writes,  # copy_(cache, index_put(cache, ...)) -> index_put_: no full cache copies
     eliminate_dead_code,
     eliminate_common_subexpressions,
     decompose_split,  # split pieces become slices: views that kernels fold

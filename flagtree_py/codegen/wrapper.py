@@ -256,7 +256,28 @@ class ModuleWriter:
                 dep = producer(source)
                 if dep is not None and dep is not step:
                     dag.add_edge(dep, step)
+        self._order_input_writes(nodes, dag, group_of, emitted)
         return list(nx.lexicographical_topological_sort(dag, key=lambda s: first[s]))
+
+    def _order_input_writes(self, nodes, dag, group_of, emitted) -> None:
+        """An in-place write into a graph input (`copy_` of a kept input mutation, a cache's
+        `index_put_`) runs after every other step that reads that input, through views too."""
+        for node in nodes:
+            if node not in emitted or node.op != "call_function" or not _mutates_first_argument(node):
+                continue
+            written = node.args[0]
+            readers, stack = set(), list(written.users)
+            while stack:
+                user = stack.pop()
+                if self.kinds.get(user) == "view" and user not in group_of:
+                    stack.extend(user.users)
+                    continue
+                step = group_of.get(user) or (user if user in emitted else None)
+                if step is not None and step is not node:
+                    readers.add(step)
+            for step in readers:
+                if not nx.has_path(dag, node, step):  # a step fed by the write itself stays after it
+                    dag.add_edge(step, node)
 
     # -- groups --------------------------------------------------------------------------------
 
@@ -382,6 +403,14 @@ class ModuleWriter:
         call = ["def call(args):"] + ["    " + line for line in body]
         parts.append("\n".join(call))
         return "\n\n\n".join(parts) + "\n"
+
+
+def _mutates_first_argument(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.arguments:
+        return False
+    alias = schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
 
 
 def _flatten(value):

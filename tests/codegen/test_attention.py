@@ -125,6 +125,9 @@ def test_decode_static_cache_longer_than_position():
     (record,) = flagtree_py.report()
     _assert_flagtree_attention(record, "decode")
     assert "attention_prefill" not in {k["kind"] for k in record["kernels"]}  # q_len 1: decode only
+    # the cache writes happen in place: no functional copy of the cache, no copy back into it
+    assert record["passes"]["reinplace_cache_writes"] == 2
+    assert "aten.copy_.default" not in record["extern_ops"], record["extern_ops"]
 
 
 def test_decode_split_kv_matches_single_chunk():

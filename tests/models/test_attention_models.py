@@ -73,6 +73,7 @@ def test_tiny_qwen3_decode_over_static_cache():
     (record,) = flagtree_py.report()
     _assert_attention_in_kernels(record)
     assert _attention_kinds(record) == {"attention_decode"}
+    assert record["passes"]["reinplace_cache_writes"] == 4  # K and V of both layers, written in place
 
 
 @pytest.mark.slow
