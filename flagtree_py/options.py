@@ -20,6 +20,8 @@ class CompileOptions:
     cache: bool = True  # reuse compiled graphs across processes (flagtree_py/cache)
     cache_dir: str | None = None  # default: FLAGTREE_CACHE_DIR, else the platform's user cache dir
     cache_max_bytes: int = 4 << 30  # least recently used entries are evicted beyond this size
+    cuda_graphs: bool = False  # NVIDIA: replay the compiled graph from a CUDA graph per shape bucket
+    cuda_graph_sizes: tuple[int, ...] | None = None  # dynamic sizes that may be captured (None: any)
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -39,6 +41,14 @@ class CompileOptions:
             options["cache"] = False
         if "dump_dir" not in options and os.environ.get("FLAGTREE_DUMP_DIR"):
             options["dump_dir"] = os.environ["FLAGTREE_DUMP_DIR"]
+        if not isinstance(options.get("cuda_graphs", False), bool):
+            raise TypeError(f"flagtree option 'cuda_graphs' must be True or False, got {options['cuda_graphs']!r}")
+        sizes = options.get("cuda_graph_sizes")
+        if sizes is not None:
+            if isinstance(sizes, (str, bytes)) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                          for n in sizes):
+                raise ValueError(f"flagtree option 'cuda_graph_sizes' must be positive ints, got {sizes!r}")
+            options["cuda_graph_sizes"] = tuple(sorted(set(sizes)))
         target = options.get("target", "auto")
         if not isinstance(target, str) or not target:
             raise ValueError(f"flagtree option 'target' must be one of {TARGET_CHOICES} or a target name, got {target!r}")
@@ -49,6 +59,6 @@ class CompileOptions:
         return cls(**options)
 
     def hash(self) -> str:
-        """Only what changes generated code (neither the dump nor the cache settings do)."""
+        """Only what changes generated code (neither the dump, the cache settings nor CUDA graphs do)."""
         fields = {"target": self.target, "fallback": self.fallback, "poison_outputs": self.poison_outputs}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

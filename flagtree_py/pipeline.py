@@ -29,7 +29,7 @@ import torch.fx
 from flagtree_py.cache import KernelCache, cache_key, default_cache_dir
 from flagtree_py.cache.externs import extern_import_paths, resolve_import_paths
 from flagtree_py.codegen.lowerings import is_gemm_or_attention
-from flagtree_py.codegen.wrapper import ModuleWriter
+from flagtree_py.codegen.wrapper import ModuleWriter, mutates_first_argument
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
 from flagtree_py.passes.decompose_split import decompose_split
@@ -45,6 +45,7 @@ from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
 from flagtree_py.passes.reinplace_cache_writes import reinplace_cache_writes
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
+from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.targets import select_target
 
@@ -84,13 +85,15 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     def on_failure(kernel: str, error: str) -> None:
         record["kernel_failures"].append({"kernel": kernel, "error": error})
 
+    graph_inputs = _graph_inputs(gm.graph)  # before the passes: what CUDA graph replay must know
     cache = KernelCache(options.cache_dir or default_cache_dir()) if options.cache else None
     key = cache_key(gm, target.hash(), options.hash()) if cache else None
     record["cache_key"] = key
     if cache is not None:
         entry, problem = cache.load(key)
         if entry is not None:
-            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure)
+            call = _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure)
+            return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
         record["cache"] = "off"
@@ -133,7 +136,34 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     add_record(record)
     call = module.call
     call._boxed_call = True
-    return call
+    return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
+
+
+def _graph_inputs(graph: torch.fx.Graph) -> dict:
+    """Which inputs the graph writes in place, and where its dynamic sizes sit among the inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    mutated, symbolic = set(), []
+    for index, node in enumerate(placeholders):
+        if any(mutates_first_argument(user) and user.args[0] is node for user in node.users):
+            mutated.add(index)
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            symbolic.append((index, None))
+        elif isinstance(val, torch.Tensor):
+            symbolic += [(index, d) for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)]
+    return {"mutated": frozenset(mutated), "symbolic": symbolic}
+
+
+def _with_cuda_graphs(call, graph_inputs: dict, options: CompileOptions, device_type: str, target, record: dict):
+    """`call`, replayed from CUDA graphs when the option is on and the graph runs on a CUDA device."""
+    reason = why_no_cuda_graphs(device_type, target.features, options.cuda_graphs)
+    record["cuda_graphs"] = reason or "on"
+    if reason is not None:
+        return call
+    runner = CudaGraphRunner(call, graph_inputs["mutated"], graph_inputs["symbolic"], options.cuda_graph_sizes,
+                             record=record)
+    record["cuda_graph_counts"] = runner.counts
+    return runner
 
 
 def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure):

@@ -263,7 +263,7 @@ class ModuleWriter:
         """An in-place write into a graph input (`copy_` of a kept input mutation, a cache's
         `index_put_`) runs after every other step that reads that input, through views too."""
         for node in nodes:
-            if node not in emitted or node.op != "call_function" or not _mutates_first_argument(node):
+            if node not in emitted or node.op != "call_function" or not mutates_first_argument(node):
                 continue
             written = node.args[0]
             readers, stack = set(), list(written.users)
@@ -405,7 +405,8 @@ class ModuleWriter:
         return "\n\n\n".join(parts) + "\n"
 
 
-def _mutates_first_argument(node: torch.fx.Node) -> bool:
+def mutates_first_argument(node: torch.fx.Node) -> bool:
+    """Whether `node` writes its first argument in place (copy_, index_put_, add_...)."""
     schema = getattr(node.target, "_schema", None)
     if schema is None or not schema.arguments:
         return False
