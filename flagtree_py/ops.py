@@ -17,7 +17,7 @@ __all__ = ["attention", "attention_reference"]
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                         scale: float, causal: bool) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v, k/v heads shared by groups of q heads; [B, H, Sq, Dv] contiguous.
+    """softmax(q k^T * scale + mask) v, k/v heads shared by groups of q heads: [B, H, Sq, Dv].
 
     Causal is top-left aligned (query i sees keys j <= i), as in torch's SDPA. A row that sees no key
     gives zeros (torch's `_safe_softmax` convention) rather than NaN.
@@ -37,7 +37,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         else:
             scores = scores + mask.float()
     probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows: NaN -> 0
-    return torch.matmul(probabilities, v.float()).to(q.dtype).contiguous()
+    out = torch.matmul(probabilities, v.float()).to(q.dtype)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)  # the layout of _register_fake below
 
 
 @torch.library.custom_op("flagtree::attention", mutates_args=())
@@ -48,4 +49,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 @attention.register_fake
 def _(q, k, v, mask, scale, causal):
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    # [B, H, Sq, Dv] stored as [B, Sq, H, Dv], as flash kernels write it: the usual transpose(1, 2)
+    # and reshape to [B, Sq, H * Dv] that follow attention are then views, not copies
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)

@@ -9,6 +9,11 @@ as stored, and the repeated copy becomes dead code. `enable_gqa=True` needs no l
 
 A form that is not supported (dropout, a mask of another rank, a used logsumexp output...) keeps its
 aten op; the reason is counted under `attention_kept_extern: <why>` in the pass counters.
+
+`route_sdpa_calls` does the same one floor up, on Dynamo's graph, before AOTAutograd lets the device
+choose an SDPA backend: on a GPU the choice depends on dtype, mask and GQA, and its math backend would
+decompose attention into matmuls and a softmax that no pass could recognize reliably. Routed calls
+reach this pass as `flagtree::attention` already; it still looks through their K/V repeat and mask.
 """
 
 from __future__ import annotations
@@ -36,9 +41,43 @@ _FORMS = {
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
+def route_sdpa_calls(gm: torch.fx.GraphModule) -> int:
+    """Dynamo's graph: every plain `F.scaled_dot_product_attention` call -> `flagtree::attention`."""
+    routed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch._C._nn.scaled_dot_product_attention:
+            continue
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+        mask, causal, scale = bound.get("attn_mask"), bound.get("is_causal", False), bound.get("scale")
+        example = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
+        if (bound.get("dropout_p", 0.0) != 0.0 or not isinstance(causal, bool) or example is None
+                or not isinstance(bound.get("enable_gqa", False), bool) or example.dim() != 4
+                or not (scale is None or isinstance(scale, float)) or not isinstance(example.shape[-1], int)):
+            continue  # left to torch's SDPA; the aten-level pass may still take the backend op
+        if scale is None:
+            scale = float(example.shape[-1]) ** -0.5
+        node.target = torch.ops.flagtree.attention.default
+        node.args, node.kwargs = (q, k, v, mask, scale, causal), {}
+        routed += 1
+    if routed:
+        gm.recompile()
+    return routed
+
+
 def fuse_attention(graph: torch.fx.Graph, ctx: PassContext) -> bool:
     fused = 0
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.flagtree.attention.default:
+            q, k, v, mask, scale, causal = node.args
+            k_heads, k_group = _through_head_repeat(k)
+            v_heads, v_group = _through_head_repeat(v)
+            if k_group != v_group:
+                k_heads, v_heads = k, v
+            node.args = (q, k_heads, v_heads, _through_bool_to_additive(mask), scale, causal)
+            fused += 1
+            continue
         if node.op != "call_function" or node.target not in _FORMS:
             continue
         form, why = _read_form(node)
@@ -56,6 +95,8 @@ def fuse_attention(graph: torch.fx.Graph, ctx: PassContext) -> bool:
                                              (q, k_heads, v_heads, mask, scale, causal))
         fused_node.meta["val"] = output.meta["val"]  # same layout as the op it replaces
         output.replace_all_uses_with(fused_node)
+        for dead in [u for u in node.users if u is not output and not u.users]:
+            graph.erase_node(dead)  # unused getitems of the other outputs
         for dead in ([output] if output is not node else []) + [node]:
             graph.erase_node(dead)
         fused += 1
@@ -96,7 +137,7 @@ def _read_form(node: torch.fx.Node):
     if not isinstance(scale, float):
         return None, "symbolic scale"
     if returns_tuple:
-        getters = list(node.users)
+        getters = [u for u in node.users if u.users or u.target is not operator.getitem]  # dead getitems aside
         if not all(u.target is operator.getitem for u in getters) or any(u.args[1] != 0 for u in getters):
             return None, "an output besides the attention result is used (logsumexp)"
         if len(getters) != 1:

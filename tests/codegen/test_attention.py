@@ -144,3 +144,28 @@ def test_decode_split_kv_matches_single_chunk():
         assert_matches(_compile(fn)(q, k, v, keep), fn(q, k, v, keep))
     (record,) = flagtree_py.report()
     _assert_flagtree_attention(record, "decode")
+
+
+def test_aten_level_sdpa_forms_are_fused(tmp_path):
+    """A graph that reaches flagtree with the device's SDPA op already chosen (here the CPU flash op,
+    after transformers' repeat_kv and a bool mask turned into a bias) is fused at the aten level."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from flagtree_py.options import CompileOptions
+    from flagtree_py.pipeline import compile_graph
+
+    def fn(q, k, v, keep):
+        return (F.scaled_dot_product_attention(q, _repeat_kv(k, 2), _repeat_kv(v, 2), attn_mask=keep),)
+
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = _qkv(generator, 40, 40, kv_heads=2)
+    keep = torch.rand(1, 1, 40, 40, generator=generator) > 0.5
+    keep[..., 0] = True
+    gm = make_fx(fn, tracing_mode="fake")(q, k, v, keep)
+    assert any("_scaled_dot_product_flash_attention_for_cpu" in str(n.target) for n in gm.graph.nodes)
+    call = compile_graph(gm, [q, k, v, keep], CompileOptions(target="interpreter", fallback=False), "aten_sdpa")
+    (actual,) = call([q, k, v, keep])
+    assert_matches(actual, fn(q, k, v, keep)[0])
+    record = flagtree_py.report()[-1]
+    _assert_flagtree_attention(record, "prefill")
+    assert record["extern_ops"] == [] and record["triton_kernels"] == 1  # no repeat copy, no mask kernel
