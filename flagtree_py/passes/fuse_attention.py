@@ -52,6 +52,9 @@ def route_sdpa_calls(gm: torch.fx.GraphModule) -> int:
         q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
         mask, causal, scale = bound.get("attn_mask"), bound.get("is_causal", False), bound.get("scale")
         example = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
+        v_example = v.meta.get("example_value") if isinstance(v, torch.fx.Node) else None
+        if v_example is None or example is None or v_example.shape[-1] != example.shape[-1]:
+            continue  # the kernels read V with Q's head size
         if (bound.get("dropout_p", 0.0) != 0.0 or not isinstance(causal, bool) or example is None
                 or not isinstance(bound.get("enable_gqa", False), bool) or example.dim() != 4
                 or not (scale is None or isinstance(scale, float)) or not isinstance(example.shape[-1], int)):
@@ -126,8 +129,8 @@ def _read_form(node: torch.fx.Node):
         return None, f"dtype {qv.dtype}"
     if not _same(qv.shape[1] % kv.shape[1], 0) or not _same(kv.shape[1], vv.shape[1]):
         return None, "heads not a multiple of K/V heads"
-    if not _same(qv.shape[-1], kv.shape[-1]):
-        return None, "q and k head sizes differ"
+    if not (_same(qv.shape[-1], kv.shape[-1]) and _same(qv.shape[-1], vv.shape[-1])):
+        return None, "q, k and v head sizes differ"
     if mask is not None:
         mv = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
         if mv is None or mv.dim() > 4 or (mv.dtype != torch.bool and mv.dtype != qv.dtype and mv.dtype != torch.float32):

@@ -169,3 +169,18 @@ def test_aten_level_sdpa_forms_are_fused(tmp_path):
     record = flagtree_py.report()[-1]
     _assert_flagtree_attention(record, "prefill")
     assert record["extern_ops"] == [] and record["triton_kernels"] == 1  # no repeat copy, no mask kernel
+
+
+def test_value_head_size_other_than_query_stays_torch():
+    """The kernels read V with Q's head size: a different V head size is left to torch."""
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    generator = torch.Generator().manual_seed(6)
+    q, k, _ = _qkv(generator, 9, 9, kv_heads=HQ)
+    v = torch.randn(B, HQ, 9, 16, generator=generator)
+    with torch.no_grad():
+        assert_matches(_compile(fn)(q, k, v), fn(q, k, v))
+    (record,) = flagtree_py.report()
+    assert record["passes"]["fuse_attention"] == 0  # torch's own path (here the CPU math decomposition)
+    assert not any(k["kind"].startswith("attention") for k in record["kernels"])
