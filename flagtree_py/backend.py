@@ -14,6 +14,7 @@ from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 from flagtree_py.decompositions import flagtree_decompositions
 from flagtree_py.options import CompileOptions
+from flagtree_py.passes.fuse_attention import route_sdpa_calls
 from flagtree_py.pipeline import safe_compile_graph
 
 _GRAPH_IDS = itertools.count()
@@ -25,6 +26,7 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     if mode not in (None, "default"):
         raise ValueError(f"flagtree has no mode {mode!r}; pass options={{...}} instead")
     graph_name = f"graph_{next(_GRAPH_IDS)}"
+    route_sdpa_calls(gm)  # before AOTAutograd: one attention op whatever SDPA backend the device has
 
     def forward_compiler(aten_gm, aten_inputs):
         # aten_inputs are fake tensors; Dynamo's example_inputs are the real ones (parameters
@@ -42,4 +44,5 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         fw_compiler=forward_compiler,
         bw_compiler=backward_compiler,
         decompositions=flagtree_decompositions(),
+        keep_inference_input_mutations=True,
     )

@@ -4,12 +4,59 @@ that the generic pointwise/reduction lowering cannot keep in one kernel.
 Each op has an eager implementation in aten ops (the reference, and the kernel's fallback) and a
 fake implementation (shapes only), so a pass can give the new node a correct `meta["val"]`.
 Generated modules import this module, which registers the ops.
+
+`flagtree::attention` is what `passes/fuse_attention.py` turns every supported scaled-dot-product
+attention form into: one op, whatever aten variant the device chose (`_scaled_dot_product_flash_attention`,
+`..._efficient_attention`, `..._flash_attention_for_cpu`, ...), with K/V heads *not* repeated for
+grouped-query attention (the op shares each K/V head between `q_heads // kv_heads` query heads). The
+wrapper lowers it to Triton kernels (codegen/attention.py); the eager implementation below is the
+reference the kernels are tested against and the aten fallback they run if they fail.
 """
 
 from __future__ import annotations
 
 import torch
 
+__all__ = ["attention", "attention_reference", "moe_routing", "moe_routing_dense"]
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float, causal: bool) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, k/v heads shared by groups of q heads: [B, H, Sq, Dv].
+
+    Causal is top-left aligned (query i sees keys j <= i), as in torch's SDPA. A row that sees no key
+    gives zeros (torch's `_safe_softmax` convention) rather than NaN.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        rows, cols = scores.shape[-2:]
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows: NaN -> 0
+    out = torch.matmul(probabilities, v.float()).to(q.dtype)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)  # the layout of _register_fake below
+
+
+@torch.library.custom_op("flagtree::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+              causal: bool) -> torch.Tensor:
+    return attention_reference(q, k, v, mask, scale, causal)
+
+
+@attention.register_fake
+def _(q, k, v, mask, scale, causal):
+    # [B, H, Sq, Dv] stored as [B, Sq, H, Dv], as flash kernels write it: the usual transpose(1, 2)
+    # and reshape to [B, Sq, H * Dv] that follow attention are then views, not copies
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
 
 @torch.library.custom_op("flagtree::moe_routing", mutates_args=())
 def moe_routing(logits: torch.Tensor, top_k: int, renormalize: bool, weight_dtype: torch.dtype

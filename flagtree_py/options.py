@@ -24,6 +24,8 @@ class CompileOptions:
     gemm_templates: bool = True  # mm/addmm and their pointwise epilogues run flagtree's GEMM template
     autotune: bool = False  # time the target's GEMM tiles once per M bucket; winners kept in the cache
     autotune_budget_s: float = 5.0  # at most this long tuning one kernel in one bucket
+    cuda_graphs: bool = False  # NVIDIA: replay the compiled graph from a CUDA graph per shape bucket
+    cuda_graph_sizes: tuple[int, ...] | None = None  # dynamic sizes that may be captured (None: any)
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -43,6 +45,14 @@ class CompileOptions:
             options["cache"] = False
         if "dump_dir" not in options and os.environ.get("FLAGTREE_DUMP_DIR"):
             options["dump_dir"] = os.environ["FLAGTREE_DUMP_DIR"]
+        if not isinstance(options.get("cuda_graphs", False), bool):
+            raise TypeError(f"flagtree option 'cuda_graphs' must be True or False, got {options['cuda_graphs']!r}")
+        sizes = options.get("cuda_graph_sizes")
+        if sizes is not None:
+            if isinstance(sizes, (str, bytes)) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                          for n in sizes):
+                raise ValueError(f"flagtree option 'cuda_graph_sizes' must be positive ints, got {sizes!r}")
+            options["cuda_graph_sizes"] = tuple(sorted(set(sizes)))
         target = options.get("target", "auto")
         if not isinstance(target, str) or not target:
             raise ValueError(f"flagtree option 'target' must be one of {TARGET_CHOICES} or a target name, got {target!r}")

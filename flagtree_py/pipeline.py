@@ -2,7 +2,7 @@
 
     capture   (backend.py)  Dynamo's FX graph -> AOTAutograd inference graph in core aten ops,
                             dynamic sizes kept as sympy symbols
-    canonicalize            dead code, common subexpressions, splits into slices, views that do nothing
+    canonicalize            attention forms -> flagtree::attention (K/V repeat looked through), dead code, common subexpressions, splits into slices, views that do nothing
     fuse                    LLM patterns (RMSNorm, add+RMSNorm, q/k norm+RoPE, RoPE, SwiGLU) stamped,
                             counted, and each kept in one kernel by the partitioner; MoE routing
                             rewritten into one op with a kernel template of its own
@@ -32,7 +32,7 @@ import torch.fx
 from flagtree_py.cache import KernelCache, cache_key, default_cache_dir
 from flagtree_py.cache.externs import extern_import_paths, resolve_import_paths
 from flagtree_py.codegen.lowerings import is_gemm_or_attention
-from flagtree_py.codegen.wrapper import ModuleWriter
+from flagtree_py.codegen.wrapper import ModuleWriter, mutates_first_argument
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
 from flagtree_py.passes.decompose_batched_gemv import decompose_batched_gemv
@@ -41,6 +41,7 @@ from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
 from flagtree_py.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from flagtree_py.passes.fuse_moe_routing import fuse_moe_routing
+from flagtree_py.passes.fuse_attention import fuse_attention
 from flagtree_py.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
 from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
 from flagtree_py.passes.fuse_rope import fuse_rope
@@ -48,15 +49,19 @@ from flagtree_py.passes.fuse_silu_mul import fuse_silu_mul
 from flagtree_py.passes.merge_gate_up import merge_gate_up
 from flagtree_py.passes.merge_qkv import merge_qkv
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
+from flagtree_py.passes.reinplace_cache_writes import reinplace_cache_writes
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
 from flagtree_py.runtime.autotune import GemmTuner, attach_tuner
+from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.runtime.merged_weights import colocate
 from flagtree_py.targets import select_target
 
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
 CANONICALIZE = [
+    fuse_attention,  # every SDPA form -> flagtree::attention on un-repeated K/V (the repeat dies next)
+    reinplace_cache_writes,  # copy_(cache, index_put(cache, ...)) -> index_put_: no full cache copies
     eliminate_dead_code,
     eliminate_common_subexpressions,
     decompose_split,  # split pieces become slices: views that kernels fold
@@ -107,6 +112,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     def on_compile(kernel: str) -> None:
         record["triton_compiles"] += 1
 
+    graph_inputs = _graph_inputs(gm.graph)  # before the passes: what CUDA graph replay must know
     cache = KernelCache(options.cache_dir or default_cache_dir()) if options.cache else None
     # which inputs are parameters decides what the layout passes may merge: part of the key
     parameter_positions = _placeholder_positions(gm, ctx.parameters)
@@ -116,7 +122,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         entry, problem = cache.load(key)
         if entry is not None:
             _colocate(entry.meta.get("colocated_inputs", []), gm, ctx.parameters)
-            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache)
+            call = _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache)
+            return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
         record["cache"] = "off"
@@ -164,7 +171,34 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     add_record(record)
     call = module.call
     call._boxed_call = True
-    return call
+    return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
+
+
+def _graph_inputs(graph: torch.fx.Graph) -> dict:
+    """Which inputs the graph writes in place, and where its dynamic sizes sit among the inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    mutated, symbolic = set(), []
+    for index, node in enumerate(placeholders):
+        if any(mutates_first_argument(user) and user.args[0] is node for user in node.users):
+            mutated.add(index)
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            symbolic.append((index, None))
+        elif isinstance(val, torch.Tensor):
+            symbolic += [(index, d) for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)]
+    return {"mutated": frozenset(mutated), "symbolic": symbolic}
+
+
+def _with_cuda_graphs(call, graph_inputs: dict, options: CompileOptions, device_type: str, target, record: dict):
+    """`call`, replayed from CUDA graphs when the option is on and the graph runs on a CUDA device."""
+    reason = why_no_cuda_graphs(device_type, target.features, options.cuda_graphs)
+    record["cuda_graphs"] = reason or "on"
+    if reason is not None:
+        return call
+    runner = CudaGraphRunner(call, graph_inputs["mutated"], graph_inputs["symbolic"], options.cuda_graph_sizes,
+                             record=record)
+    record["cuda_graph_counts"] = runner.counts
+    return runner
 
 
 def _real_parameters(gm: torch.fx.GraphModule, real_inputs: list | None) -> dict:

@@ -24,6 +24,7 @@ import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.*)
 from flagtree_py.codegen import indexing
 from flagtree_py.codegen.check_kernel import check_kernel
 from flagtree_py.codegen.gemm import lower_gemm_group
+from flagtree_py.codegen.attention import AttentionWriter
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
@@ -46,6 +47,10 @@ def template_environment(target_dir: str | None) -> jinja2.Environment:
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
     )
+
+
+def render_template(name: str, **values) -> str:
+    return _TEMPLATES.get_template(name).render(**values)
 
 
 @dataclass
@@ -87,6 +92,7 @@ class ModuleWriter:
         self.devices: dict[str, str] = {}
         self.template_sections: list[str] = []
         self.uses_gemm = False  # set by codegen/gemm.py: the module imports its launcher
+        self.attention = AttentionWriter(self)  # the hook for flagtree::attention nodes
 
     # -- printing ------------------------------------------------------------------------------
 
@@ -191,6 +197,7 @@ class ModuleWriter:
                 body.extend(group_calls[step])
         output = next(n for n in nodes if n.op == "output")
         body.append(f"return {self.arg(tuple(output.args[0]))}")
+        kernel_sections += self.attention.sections
         self.out.source = self._module_source(kernel_sections, placeholders, body)
         return self.out
 
@@ -234,6 +241,8 @@ class ModuleWriter:
             self.out.constants[node.name] = getattr(self.gm, node.target)
             self.out.constant_targets[node.name] = node.target
             return [f"{node.name} = constants[{node.name!r}]"]
+        if kind == "extern" and self.attention.handles(node):
+            return self.attention.lines(node)
         if kind == "extern" and node.target in _TEMPLATE_LOWERINGS:
             lines = self._template_kernel(node)
             if lines is not None:
@@ -293,7 +302,28 @@ class ModuleWriter:
                 dep = producer(source)
                 if dep is not None and dep is not step:
                     dag.add_edge(dep, step)
+        self._order_input_writes(nodes, dag, group_of, emitted)
         return list(nx.lexicographical_topological_sort(dag, key=lambda s: first[s]))
+
+    def _order_input_writes(self, nodes, dag, group_of, emitted) -> None:
+        """An in-place write into a graph input (`copy_` of a kept input mutation, a cache's
+        `index_put_`) runs after every other step that reads that input, through views too."""
+        for node in nodes:
+            if node not in emitted or node.op != "call_function" or not mutates_first_argument(node):
+                continue
+            written = node.args[0]
+            readers, stack = set(), list(written.users)
+            while stack:
+                user = stack.pop()
+                if self.kinds.get(user) == "view" and user not in group_of:
+                    stack.extend(user.users)
+                    continue
+                step = group_of.get(user) or (user if user in emitted else None)
+                if step is not None and step is not node:
+                    readers.add(step)
+            for step in readers:
+                if not nx.has_path(dag, node, step):  # a step fed by the write itself stays after it
+                    dag.add_edge(step, node)
 
     # -- groups --------------------------------------------------------------------------------
 
@@ -450,6 +480,7 @@ class ModuleWriter:
         if self.uses_gemm:
             header.append("from flagtree_py.runtime.autotune import GemmGrid, run_gemm")
         header += ["", "aten = torch.ops.aten", "prims = torch.ops.prims"]
+        header += self.attention.imports()
         header += [f"{name} = torch.device({device!r})" for device, name in self.devices.items()]
         header += ["constants = {}  # filled by the loader (get_attr tensors)", ""]
         parts = ["\n".join(header)]
@@ -457,6 +488,15 @@ class ModuleWriter:
         call = ["def call(args):"] + ["    " + line for line in body]
         parts.append("\n".join(call))
         return "\n\n\n".join(parts) + "\n"
+
+
+def mutates_first_argument(node: torch.fx.Node) -> bool:
+    """Whether `node` writes its first argument in place (copy_, index_put_, add_...)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.arguments:
+        return False
+    alias = schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
 
 
 def _flatten(value):

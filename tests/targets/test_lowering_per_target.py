@@ -37,8 +37,10 @@ def test_each_target_lowers_and_matches_eager(preset):
         target = get_target(name)
         assert record["target"] == target.name and record["triton_kernels"] > 0
         # GEMM template kernels launch through run_gemm, and may have one line per M bucket
-        launches = re.findall(r"run(?:_gemm)?\((k\d+\w*), .*num_warps=(\d+)", source)
-        assert len({name for name, _ in launches}) == record["triton_kernels"]
+        launches = re.findall(r"(?:run|run_gemm|flash_attention|flash_decoding)\((k\w+), .*num_warps=(\d+)", source)
+        # one launch line per kernel; a flash-decoding line launches its combine kernel as well
+        combines = sum(1 for k in record["kernels"] if k["name"].endswith("_combine"))
+        assert len({name for name, _ in launches}) + combines == record["triton_kernels"]
         for _, count in launches:
             assert int(count) * target.warp_size <= target.max_threads_per_block
         warps[name] = [int(count) for _, count in launches]

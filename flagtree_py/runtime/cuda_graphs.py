@@ -1,0 +1,203 @@
+"""Replay a compiled graph from CUDA graphs, one per shape bucket (`cuda_graphs=True`).
+
+Decode is launch-bound: a layer is tens of small kernels, each a few microseconds of launch. A CUDA
+graph replays them all with one launch. How a call is served:
+
+  1. a bucket (the shapes, strides and dtypes of the tensor inputs, the values of integer inputs) is
+     seen for the first time: the call runs normally (warm-up: Triton compiles its kernels, lazy
+     allocations happen) and the address of every input is noted;
+  2. the bucket's next call captures: an input at the same address as in the warm-up (weights,
+     a static KV cache) is read in place by the graph; any other input gets a static buffer that the
+     call's value is copied into before each replay;
+  3. later calls replay (if an input read in place has moved, e.g. a new cache object, the call
+     runs as a warm-up again and the next one captures anew): copy the moving inputs in, replay, copy back the inputs the graph mutates
+     (a KV-cache write into a moved cache), and return clones of the outputs (the graph's own output
+     memory is overwritten by its next replay).
+
+An input mutation is correct either way AOTAutograd hands it over: kept in the graph (an in-place
+write, applied to the real tensor or, for a copied input, copied back after replay), or returned
+as an output (the caller's copy-back reads our cloned output). A capture that fails (a host sync, a
+CPU tensor in the graph) or a bucket beyond the limits runs the call without a graph; the reason is
+in the report (`record["cuda_graphs"]`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["CudaGraphRunner", "TorchGraphs", "bucket_key", "why_no_cuda_graphs"]
+
+
+def why_no_cuda_graphs(device_type: str, target_features: frozenset, enabled: bool) -> str | None:
+    """None if the compiled graph should be wrapped in a CudaGraphRunner, else why not."""
+    if not enabled:
+        return "off"
+    if device_type != "cuda":
+        return f"off: inputs on {device_type} (CUDA graphs need CUDA tensors)"
+    if "cuda_graphs" not in target_features:
+        return "off: the target does not list the cuda_graphs feature"
+    return None
+
+
+def bucket_key(args: Sequence) -> tuple:
+    """What a captured graph is specialized on: tensor shapes, strides, dtypes, devices; int values."""
+    key = []
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() == 0:
+            key.append(("host scalar", value.item()))  # kernels take its value at capture: baked in
+        elif isinstance(value, torch.Tensor):
+            key.append((tuple(value.shape), tuple(value.stride()), value.dtype, str(value.device)))
+        elif isinstance(value, (int, float, bool)) or value is None:
+            key.append(value)
+        else:
+            key.append(type(value).__name__)
+    return tuple(key)
+
+
+class TorchGraphs:
+    """The real thing: torch.cuda.CUDAGraph in one memory pool per runner."""
+
+    def __init__(self) -> None:
+        self.pool = None
+
+    def capture(self, fn: Callable[[], list], tensors: list) -> tuple[object, list]:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # the warm-up call compiled the Triton kernels; torch.cuda.graph captures on its own side
+        # stream, after the work queued so far has finished
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = fn()
+        return graph, outputs
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+
+@dataclass
+class _Captured:
+    graph: object
+    static_args: list
+    outputs: list
+    in_place: dict  # argument index -> data_ptr the graph reads/writes directly
+    copied: list  # argument indices whose values are copied into static buffers
+    replays: int = 0
+
+
+@dataclass
+class _Bucket:
+    warm_pointers: dict  # argument index -> data_ptr at warm-up
+    captured: _Captured | None = None
+    captures: int = 0
+    failed: str | None = None  # why this bucket runs without a graph
+
+
+@dataclass
+class CudaGraphRunner:
+    """A boxed `call(args)` that replays CUDA graphs (see the module docstring)."""
+
+    call: Callable[[list], list]
+    mutated_inputs: frozenset  # indices of inputs the graph writes in place
+    symbolic_positions: list  # (argument index, dim or None) holding a dynamic size
+    sizes: tuple | None = None  # allowed values of dynamic sizes (None: any)
+    max_buckets: int = 16
+    max_recaptures: int = 2
+    device: str = "cuda"  # where inputs must live (tests simulate graphs on "cpu")
+    record: dict = field(default_factory=dict)
+    graphs: object = field(default_factory=TorchGraphs)
+    buckets: dict = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+    _boxed_call: bool = True
+
+    def __call__(self, args: list) -> list:
+        args = list(args)  # the generated call clears the list it gets; keep our own
+        reason = self._why_not(args)
+        if reason is not None:
+            return self._eager(args, reason)
+        key = bucket_key(args)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            self.buckets[key] = _Bucket(warm_pointers=_pointers(args))
+            self.counts["warmup"] += 1
+            return self.call(list(args))
+        if bucket.failed is not None:
+            return self._eager(args, bucket.failed)
+        captured = bucket.captured
+        if captured is not None and any(args[i].data_ptr() != p for i, p in captured.in_place.items()):
+            # an input the graph reads in place has moved (a new cache object): this call warms up
+            # again, the next one captures with the inputs that stayed put read in place
+            bucket.captured = None
+            bucket.warm_pointers = _pointers(args)
+            self.counts["recapture"] += 1
+            if bucket.captures > self.max_recaptures:
+                bucket.failed = "inputs read in place keep moving between calls"
+                return self._eager(args, bucket.failed)
+            return self.call(list(args))
+        if captured is None:
+            try:
+                captured = bucket.captured = self._capture(args, bucket)
+            except Exception as error:  # noqa: BLE001  (a failed capture must cost speed, not the run)
+                bucket.failed = f"capture failed: {type(error).__name__}: {str(error)[:200]}"
+                warnings.warn(f"flagtree: CUDA graph {bucket.failed}; running without a graph", stacklevel=2)
+                return self._eager(args, bucket.failed)
+        return self._replay(captured, args)
+
+    def _why_not(self, args: list) -> str | None:
+        for value in args:
+            if isinstance(value, torch.Tensor) and value.device.type != self.device and value.dim() > 0:
+                return f"a {value.device.type} tensor input"
+        if self.sizes is not None:
+            for index, dim in self.symbolic_positions:
+                value = args[index] if dim is None else args[index].shape[dim]
+                if int(value) not in self.sizes:
+                    return f"dynamic size {int(value)} outside cuda_graph_sizes"
+        if bucket_key(args) not in self.buckets and len(self.buckets) >= self.max_buckets:
+            return f"more than {self.max_buckets} shape buckets"
+        return None
+
+    def _eager(self, args: list, reason: str) -> list:
+        self.counts["eager"] += 1
+        self.record.setdefault("cuda_graph_skips", {})
+        self.record["cuda_graph_skips"][reason] = self.record["cuda_graph_skips"].get(reason, 0) + 1
+        return self.call(list(args))
+
+    def _capture(self, args: list, bucket: _Bucket) -> _Captured:
+        bucket.captures += 1
+        in_place, copied, static_args = {}, [], []
+        for index, value in enumerate(args):
+            if not isinstance(value, torch.Tensor):
+                static_args.append(value)
+            elif bucket.warm_pointers.get(index) == value.data_ptr():
+                in_place[index] = value.data_ptr()
+                static_args.append(value)
+            else:
+                buffer = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+                buffer.copy_(value)
+                copied.append(index)
+                static_args.append(buffer)
+        tensors = [a for a in static_args if isinstance(a, torch.Tensor)]
+        graph, outputs = self.graphs.capture(lambda: list(self.call(list(static_args))), tensors)
+        self.counts["capture"] += 1
+        # the capture recorded the work without doing it: the replay below runs this call
+        return _Captured(graph, static_args, outputs, in_place, copied)
+
+    def _replay(self, captured: _Captured, args: list) -> list:
+        for index in captured.copied:
+            captured.static_args[index].copy_(args[index])
+        self.graphs.replay(captured.graph)
+        captured.replays += 1
+        self.counts["replay"] += 1
+        for index in captured.copied:
+            if index in self.mutated_inputs:
+                args[index].copy_(captured.static_args[index])
+        return [out.clone() if isinstance(out, torch.Tensor) else out for out in captured.outputs]
+
+
+def _pointers(args: list) -> dict:
+    return {i: v.data_ptr() for i, v in enumerate(args) if isinstance(v, torch.Tensor)}
