@@ -43,6 +43,7 @@ from flagtree_py.passes.fuse_silu_mul import fuse_silu_mul
 from flagtree_py.passes.partition_fusion_groups import partition_fusion_groups
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
+from flagtree_py.runtime.check import KernelErrors
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.targets import select_target
 
@@ -79,6 +80,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     }
     def on_failure(kernel: str, error: str) -> None:
         record["kernel_failures"].append({"kernel": kernel, "error": error})
+    on_check = KernelErrors(record) if options.check_kernels else None
 
     cache = KernelCache(options.cache_dir or default_cache_dir()) if options.cache else None
     key = cache_key(gm, target.hash(), options.hash()) if cache else None
@@ -86,7 +88,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     if cache is not None:
         entry, problem = cache.load(key)
         if entry is not None:
-            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure)
+            return _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_check)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
         record["cache"] = "off"
@@ -104,7 +106,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     module, path = load_module(generated.source, directory, graph_name)
     bind_kernels(module, [k.name for k in generated.kernels], interpret=device_type != "cuda",
                  constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure,
-                 poison=options.poison_outputs)
+                 poison=options.poison_outputs, on_check=on_check)
     partition_text = _partition_text(partition)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, str(graph), partition_text)
@@ -132,14 +134,15 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     return call
 
 
-def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure):
+def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_check):
     """A cache hit: import the stored module; no code generation, no pass runs."""
     meta = entry.meta
     constants = {name: getattr(gm, attribute) for name, attribute in meta["constants"].items()}
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(entry.module_source, directory, graph_name)
     bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
-                 externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs)
+                 externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs,
+                 on_check=on_check)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
     record.update(meta["record"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flagtree_py.runtime.check import CheckCallback, CheckedKernel
 from flagtree_py.runtime.launch import GuardedKernel
 
 
@@ -38,17 +39,23 @@ def poisoned_empty_strided(size, stride, *, dtype, device):
 
 
 def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: dict, externs: dict, on_failure=None,
-                 poison: bool = False) -> None:
+                 poison: bool = False, on_check: CheckCallback | None = None) -> None:
     """Replace each `@triton.jit` kernel in the module by a `GuardedKernel`.
 
-    On a machine without the target GPU the same source runs through Triton's interpreter.
+    On a machine without the target GPU the same source runs through Triton's interpreter. With
+    `on_check` (option check_kernels) each becomes a `CheckedKernel` that compares every launch with aten.
     """
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
     for name in kernel_names:
         jit = getattr(module, name)
         kernel = InterpretedFunction(jit.fn) if interpret else jit
-        setattr(module, name, GuardedKernel(name, kernel, getattr(module, f"{name}_fallback"), on_failure, interpreted=interpret))
+        fallback = getattr(module, f"{name}_fallback")
+        if on_check is None:
+            guarded = GuardedKernel(name, kernel, fallback, on_failure, interpreted=interpret)
+        else:
+            guarded = CheckedKernel(name, kernel, fallback, on_failure, interpreted=interpret, on_check=on_check)
+        setattr(module, name, guarded)
     module.constants.update(constants)
     if poison:
         module.empty_strided = poisoned_empty_strided
