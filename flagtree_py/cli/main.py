@@ -2,6 +2,7 @@
 
     flagtree demo       compile a tiny random-weight model with flagtree, compare greedy tokens with eager
     flagtree targets    the registered targets (chips flagtree lowers for) and how they differ
+    flagtree validate   compare a model compiled by flagtree with eager PyTorch: logits, top-1, greedy tokens, kernels
     flagtree cache      the compiled-artifact cache: ls, show, stats, verify, rm, clear, export, import
     flagtree --version
 
@@ -17,12 +18,12 @@ import sys
 from collections.abc import Sequence
 
 from flagtree_py import __version__
-from flagtree_py.cli import cache, demo, targets
+from flagtree_py.cli import cache, demo, targets, validate
 from flagtree_py.cli.common import installed_version
 
 #: one module per subcommand, in the order `flagtree --help` lists them
-#: (serve, compile and validate join this list as they are written)
-COMMANDS = (demo, targets, cache)
+#: (serve and compile join this list as they are written)
+COMMANDS = (demo, validate, targets, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
