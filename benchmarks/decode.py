@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="transformers experts implementation of MoE models (default grouped_mm: batched_mm "
                         "gathers every token's expert weights, tens of GB at prefill lengths of thousands)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip modes that would start later (default 540)")
-    parser.add_argument("--mode-timeout-s", type=float, default=300.0, help="one mode's subprocess limit")
+    parser.add_argument("--mode-timeout-s", type=float, default=360.0, help="one mode's subprocess limit")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, float32, on the CPU (Triton's interpreter)")
     parser.add_argument("--out", required=True, help="JSON path; the chart goes beside it (.png)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one mode, write JSON
@@ -121,7 +121,7 @@ class Decoder:
     def __init__(self, lm, batch: int, max_len: int, device: str) -> None:
         from transformers import StaticCache
 
-        self.lm, self.device, self.batch = lm, device, batch
+        self.lm, self.device, self.batch, self.max_len = lm, device, batch, max_len
         self.cache = StaticCache(config=lm.config, max_cache_len=max_len)
         # allocate the cache outside any compiled region (transformers would otherwise do it lazily, mid-graph)
         config = lm.config
@@ -154,7 +154,8 @@ def compile_for(mode: str, fn, args):
 def run_steps(step, decoder: Decoder, first: torch.Tensor, start: int, count: int, cudagraphs: bool):
     """`count` greedy decode steps from position `start`; returns the last tokens (device tensor)."""
     tokens = first
-    positions = (torch.arange(count, device=decoder.device) + start).view(count, 1, 1).expand(count, decoder.batch, 1)
+    # a fresh contiguous tensor per step, made before the loop: Dynamo guards on strides and views' bases
+    positions = [torch.full((decoder.batch, 1), start + i, device=decoder.device) for i in range(count)]
     for i in range(count):
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -183,7 +184,8 @@ def worker(args) -> dict:
         entry: dict = {}
         graphs_before = _dynamo_graphs()
         try:
-            decoder = Decoder(lm, batch, args.context + args.warmup + args.tokens + 2, device)
+            steps = max(args.warmup + args.tokens + 1, args.agreement_steps)
+            decoder = Decoder(lm, batch, args.context + steps + 1, device)
             context = torch.randint(0, vocab, (batch, args.context), device=device)
             first = decoder.prefill(context)[:, -1].argmax(-1, keepdim=True)
             step = compile_for(mode, decoder.forward, args)
@@ -201,6 +203,9 @@ def worker(args) -> dict:
             entry["ms_per_step"] = round(1000 * elapsed / args.tokens, 3)
             entry["tokens_per_s"] = round(batch * args.tokens / elapsed, 1)
             entry["dynamo_graphs"] = _dynamo_graphs() - graphs_before
+            entry["cudagraph_skips"] = _cudagraph_skips()
+            if args.worker == "flagtree" and batch == max(args.batches):
+                result["agreement"] = _guarded(agreement, lm, args, device, decoder, step)
         except Exception as error:  # noqa: BLE001 -- one batch size failing must not lose the others
             entry["error"] = f"{type(error).__name__}: {error}"[:2000]
             entry["traceback"] = traceback.format_exc()[-4000:]
@@ -212,16 +217,22 @@ def worker(args) -> dict:
         if device == "cuda":
             torch.cuda.empty_cache()
     if args.worker == "flagtree":
-        for name, fn in (("agreement", agreement), ("recompiles", recompiles)):
-            torch._dynamo.reset()
-            try:
-                result[name] = fn(lm, args, device)
-            except Exception as error:  # noqa: BLE001 -- recorded; the other measurements still count
-                result[name] = {"error": f"{type(error).__name__}: {error}"[:2000],
-                                "traceback": traceback.format_exc()[-4000:]}
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        result["recompiles"] = _guarded(recompiles, lm, args, device)
     return result
+
+
+def _guarded(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001 -- recorded; the other measurements still count
+        return {"error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _dynamo_graphs() -> int:
@@ -242,18 +253,16 @@ def _flagtree_summary(records: list[dict]) -> dict:
     }
 
 
-def agreement(lm, args, device: str) -> dict:
+def agreement(lm, args, device: str, compiled: Decoder, step) -> dict:
     """Top-1 of flagtree vs eager at the largest batch, on the same input tokens (eager's greedy choice),
-    each model with its own cache: batch x steps decode positions."""
-    import flagtree_py
-
-    batch, steps = max(args.batches), args.agreement_steps
-    max_len = args.context + steps + 2
-    eager, compiled = Decoder(lm, batch, max_len, device), Decoder(lm, batch, max_len, device)
+    each model with its own cache: batch x steps decode positions. Reuses the timed batch's compiled step
+    (and so its cache: a new cache object would make Dynamo compile again)."""
+    batch, steps = compiled.batch, args.agreement_steps
+    eager = Decoder(lm, batch, compiled.max_len, device)
+    graphs_before = _dynamo_graphs()
     context = torch.randint(0, lm.config.vocab_size, (batch, args.context), device=device)
     tokens = eager.prefill(context)[:, -1].argmax(-1, keepdim=True)
     compiled.prefill(context)
-    step = compile_for("flagtree", compiled.forward, args)
     agree, positions, worst, scale = 0, 0, 0.0, 0.0
     with torch.no_grad():
         for i in range(steps):
@@ -265,11 +274,9 @@ def agreement(lm, args, device: str) -> dict:
             worst = max(worst, (got - want).abs().max().item())
             scale = max(scale, want.abs().max().item())
             tokens = want.argmax(-1, keepdim=True)
-    records = flagtree_py.report()
-    flagtree_py.clear_report()
     return {"batch": batch, "steps": steps, "positions": positions, "top1_agreement": agree / positions,
             "max_abs_logit_error": worst, "max_rel_logit_error": worst / scale if scale else 0.0,
-            "graph_fallbacks": [r.get("error") for r in records if r.get("fallback") == "graph"]}
+            "dynamo_graphs_compiled": _dynamo_graphs() - graphs_before}
 
 
 def recompiles(lm, args, device: str) -> dict:
@@ -406,10 +413,14 @@ def parent(args) -> dict:
                    "although transformers' static cache attends over its whole (masked) buffer")],
     }
     report["roofline_ms"] = {b: round(1000 * v["total"] / bandwidth, 3) for b, v in report["bytes_per_step"].items()}
-    cache_dir = tempfile.mkdtemp(prefix="flagtree-decode-cache-")  # empty: flagtree's first compile is cold
-    environment = {**os.environ, "FLAGTREE_CACHE_DIR": cache_dir}
+    # empty caches (flagtree's, Triton's kernels, Inductor's): every mode's first process compiles cold
+    scratch = Path(tempfile.mkdtemp(prefix="flagtree-decode-"))
+    environment = {**os.environ, "FLAGTREE_CACHE_DIR": str(scratch / "flagtree"),
+                   "TRITON_CACHE_DIR": str(scratch / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
+    report["caches"] = f"fresh per run under {scratch}; flagtree-warm reuses flagtree's and Triton's"
     names = []
-    for mode in args.mode_list:
+    # flagtree (the subject) right after eager (the reference); Inductor last, where the budget may skip it
+    for mode in sorted(args.mode_list, key=("eager", "flagtree", "reduce-overhead", "max-autotune").index):
         names.append(mode)
         if mode == "flagtree":
             names.append("flagtree-warm")  # a second process: the same graphs, found in the cache
@@ -445,7 +456,9 @@ def chart(report: dict, path: Path) -> str | None:
     except ImportError:
         return None
     batches = [str(b) for b in report["batches"]]
-    modes = [m for m, r in report["modes"].items() if any("ms_per_step" in e for e in r.get("batches", {}).values())]
+    # flagtree-warm measures compile time; its steps run the same kernels as flagtree's
+    modes = [m for m, r in report["modes"].items()
+             if m != "flagtree-warm" and any("ms_per_step" in e for e in r.get("batches", {}).values())]
     figure, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for axis, batch in zip(axes[0], batches):
         values = [report["modes"][m]["batches"].get(batch, {}).get("ms_per_step", math.nan) for m in modes]
