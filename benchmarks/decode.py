@@ -8,16 +8,18 @@ batch 1 and 32, a context already in the cache (`--context`, default 1024). For 
   copy bandwidth measured in the same run (read + write bytes of a large device copy per second);
 - first-call seconds per batch size (Dynamo + backend compile + first run): flagtree's cold figure runs with
   an empty flagtree cache, its warm figure in a second process that finds the cache filled;
-- flagtree only: Dynamo recompiles across prompt lengths 1..4096 (prefill at `--lengths`), and top-1
-  agreement with eager over >= 1,000 positions (batch 32, `--agreement-steps` decode steps with the same
-  tokens fed to both; each keeps its own cache).
+- flagtree only: Dynamo recompiles across prompt lengths 1..4096 (prefill at `--lengths`, on a model of the
+  same shapes with `--recompile-layers` layers), and top-1 agreement with eager over >= 1,000 positions
+  (batch 32, `--agreement-steps` decode steps with the same tokens fed to both; each keeps its own cache).
 
 Each mode runs in its own subprocess, so that a crash (or a poisoned CUDA context) loses that mode only; a
-mode that would start after `--budget-s` is skipped and recorded as skipped. Defaults fit ~9 minutes on an
-H100 for --model qwen3; run the MoE model as a second invocation. JSON to --out, a PNG chart beside it.
+mode that would start after `--budget-s` (default 540 s) is skipped and recorded as skipped. Modes run in
+the order eager, flagtree, flagtree-warm, reduce-overhead, max-autotune. Compiler caches (flagtree's,
+Triton's, Inductor's) start empty in every run. One model per run; JSON to --out, a PNG chart beside it.
 
-    python benchmarks/decode.py --model qwen3 --out benchmarks/results/decode_qwen3_h100.json
-    python benchmarks/decode.py --model qwen3-30b-a3b --out benchmarks/results/decode_qwen3moe_h100.json
+    python benchmarks/decode.py --model qwen3 --modes eager,flagtree --out decode_qwen3_flagtree.json
+    python benchmarks/decode.py --model qwen3 --modes eager,reduce-overhead --out decode_qwen3_inductor.json
+    python benchmarks/decode.py --model qwen3-30b-a3b --out decode_qwen3moe.json     # 24 layers by default
     python benchmarks/decode.py --smoke --out /tmp/decode_smoke.json   # tiny shapes on the CPU (tests the script)
 """
 
@@ -61,13 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-autotune", action="store_true", help="add Inductor mode=max-autotune (slow compile)")
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                         help="prefill lengths of the recompile count (flagtree)")
+    parser.add_argument("--recompile-layers", type=int, default=2,
+                        help="layers of the model the recompile count compiles (default 2; same shapes otherwise)")
     parser.add_argument("--agreement-steps", type=int, default=32,
                         help="decode steps at the largest batch compared with eager (default 32: 32x32 = 1024)")
     parser.add_argument("--experts", default="grouped_mm",
                         help="transformers experts implementation of MoE models (default grouped_mm: batched_mm "
                         "gathers every token's expert weights, tens of GB at prefill lengths of thousands)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip modes that would start later (default 540)")
-    parser.add_argument("--mode-timeout-s", type=float, default=360.0, help="one mode's subprocess limit")
+    parser.add_argument("--mode-timeout-s", type=float, default=420.0, help="one mode's subprocess limit")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, float32, on the CPU (Triton's interpreter)")
     parser.add_argument("--out", required=True, help="JSON path; the chart goes beside it (.png)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one mode, write JSON
@@ -76,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.context, args.tokens, args.warmup = min(args.context, 12), min(args.tokens, 4), min(args.warmup, 1)
         args.agreement_steps = min(args.agreement_steps, 4)
+        args.recompile_layers = 1
         if args.batch == "1,32":
             args.batch = "1,2"
         if args.lengths == ",".join(map(str, DEFAULT_LENGTHS)):
@@ -98,14 +103,14 @@ def device_and_dtype(args) -> tuple[str, torch.dtype]:
     return ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
 
 
-def build(args):
+def build(args, layers: int | None = None):
     """The HF causal LM (not our logits wrapper: the static cache needs its full forward)."""
     from flagtree_py.models import build_model, real_config, tiny_config
 
     device, dtype = device_and_dtype(args)
     config = tiny_config(args.model) if args.smoke else real_config(args.model)
     experts = args.experts if hasattr(config, "num_experts") and not args.smoke else "batched_mm"
-    model = build_model(config, dtype=dtype, device=device, num_layers=args.layers, seed=0,
+    model = build_model(config, dtype=dtype, device=device, num_layers=layers or args.layers, seed=0,
                         experts_implementation=experts)
     return model.causal_lm, experts
 
@@ -218,7 +223,10 @@ def worker(args) -> dict:
             torch.cuda.empty_cache()
     if args.worker == "flagtree":
         torch._dynamo.reset()
-        result["recompiles"] = _guarded(recompiles, lm, args, device)
+        lm = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        result["recompiles"] = _guarded(recompiles, args, device)
     return result
 
 
@@ -279,11 +287,14 @@ def agreement(lm, args, device: str, compiled: Decoder, step) -> dict:
             "dynamo_graphs_compiled": _dynamo_graphs() - graphs_before}
 
 
-def recompiles(lm, args, device: str) -> dict:
+def recompiles(args, device: str) -> dict:
     """Prefill (compiled by flagtree, batch 1, default dynamic=None as users call it) at every length of
-    --lengths: how many graphs Dynamo compiled, and at which lengths."""
+    --lengths: how many graphs Dynamo compiled, and at which lengths. On a model of the same shapes with
+    --recompile-layers layers: what Dynamo guards on does not depend on the layer count, and every compile
+    of the whole model would cost minutes of Triton builds."""
     import flagtree_py
 
+    lm, _ = build(args, args.recompile_layers)
     lengths = args.length_list
     decoder = Decoder(lm, 1, max(lengths) + 1, device)
     step = compile_for("flagtree", decoder.forward, args)
@@ -313,7 +324,8 @@ def recompiles(lm, args, device: str) -> dict:
             breaks[short] = breaks.get(short, 0) + n - breaks_before.get(reason, 0)
     # a recompile: a length after the first that made Dynamo compile again (each compile may hold several
     # graphs when the forward has graph breaks, listed apart)
-    return {"lengths": lengths, "recompiles": max(0, len(new_graph_at) - 1), "new_graph_at_lengths": new_graph_at,
+    return {"layers": args.recompile_layers, "lengths": lengths, "recompiles": max(0, len(new_graph_at) - 1),
+            "new_graph_at_lengths": new_graph_at,
             "dynamo_graphs": graphs, "graph_breaks": breaks, "flagtree_graphs": len(records),
             "dynamic_symbols": sorted({s for r in records for s in r.get("dynamic_symbols", [])}),
             "per_length": per_length}

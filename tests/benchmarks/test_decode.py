@@ -31,9 +31,11 @@ def test_decode_smoke(tmp_path):
         assert "error" not in mode, mode
         batches = ["1"] if name == "flagtree-warm" else ["1", "2"]
         assert sorted(mode["batches"]) == batches
-        for entry in mode["batches"].values():
+        for batch, entry in mode["batches"].items():
             assert "error" not in entry, entry.get("traceback")
-            assert entry["ms_per_step"] > 0 and entry["first_call_s"] > 0 and entry["roofline_percent"] > 0
+            assert entry["ms_per_step"] > 0 and entry["first_call_s"] > 0
+            # tiny shapes in Triton's interpreter are far from any roofline: only the arithmetic is checked
+            assert entry["roofline_percent"] == round(100 * report["roofline_ms"][batch] / entry["ms_per_step"], 1)
     cold, warm = report["modes"]["flagtree"], report["modes"]["flagtree-warm"]
     for batch in ("1", "2"):  # decode: one graph per batch size, compiled by flagtree, no graph break
         facts = cold["batches"][batch]["flagtree"]
@@ -46,5 +48,5 @@ def test_decode_smoke(tmp_path):
     assert agreement["dynamo_graphs_compiled"] == 0  # the timed step's graph served it
     assert agreement["max_rel_logit_error"] < 1e-5  # float32: summation order only
     recompiles = cold["recompiles"]
-    assert recompiles["lengths"] == [1, 2, 5] and recompiles["new_graph_at_lengths"][0] == 1
+    assert recompiles["layers"] == 1 and recompiles["lengths"] == [1, 2, 5] and recompiles["new_graph_at_lengths"][0] == 1
     assert recompiles["recompiles"] == len(recompiles["new_graph_at_lengths"]) - 1
