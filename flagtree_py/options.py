@@ -17,6 +17,7 @@ class CompileOptions:
     dump_dir: str | None = None  # write the aten graph, partition, kernels and wrapper here
     fallback: bool = True  # a group whose kernel fails to build runs its aten ops instead (warned)
     poison_outputs: bool = False  # debug: fill kernel outputs with NaN/-1 first, so unwritten elements show
+    check_kernels: bool = False  # debug: recompute every kernel launch with its aten fallback, record the error
     cache: bool = True  # reuse compiled graphs across processes (flagtree_py/cache)
     cache_dir: str | None = None  # default: FLAGTREE_CACHE_DIR, else the platform's user cache dir
     cache_max_bytes: int = 4 << 30  # least recently used entries are evicted beyond this size
@@ -63,7 +64,7 @@ class CompileOptions:
         return cls(**options)
 
     def hash(self) -> str:
-        """Only what changes generated code (neither the dump nor the cache settings do). The target is
+        """Only what changes generated code (neither the dump, the cache settings nor check_kernels do). The target is
         not here: the key holds the hash of the target chosen, so `target="auto"` on an H100 and
         `target="nvidia-sm90"` (what `flagtree compile` passes) give the same key."""
         fields = {"fallback": self.fallback, "poison_outputs": self.poison_outputs,

@@ -54,6 +54,7 @@ from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
 from flagtree_py.runtime.autotune import GemmTuner, attach_tuner
 from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
+from flagtree_py.runtime.check import KernelErrors
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.runtime.merged_weights import colocate
 from flagtree_py.targets import select_target
@@ -108,6 +109,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
 
     def on_failure(kernel: str, error: str) -> None:
         record["kernel_failures"].append({"kernel": kernel, "error": error})
+    on_check = KernelErrors(record) if options.check_kernels else None
 
     def on_compile(kernel: str) -> None:
         record["triton_compiles"] += 1
@@ -122,7 +124,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         entry, problem = cache.load(key)
         if entry is not None:
             _colocate(entry.meta.get("colocated_inputs", []), gm, ctx.parameters)
-            call = _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache)
+            call = _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache, on_check)
             return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
@@ -144,7 +146,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     module, path = load_module(generated.source, directory, graph_name)
     bind_kernels(module, [k.name for k in generated.kernels], interpret=device_type != "cuda",
                  constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure,
-                 poison=options.poison_outputs, on_compile=on_compile)
+                 poison=options.poison_outputs, on_compile=on_compile, on_check=on_check)
     partition_text = _partition_text(partition)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, str(graph), partition_text)
@@ -231,7 +233,7 @@ def _colocate(merges: list[list[int]], gm: torch.fx.GraphModule, parameters: dic
             colocate(parts)
 
 
-def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache):
+def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache, on_check):
     """A cache hit: import the stored module; no code generation, no pass runs. On a GPU, kernels
     whose binary for this device's architecture is in the entry launch it: no Triton compile."""
     meta = entry.meta
@@ -242,7 +244,7 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     binaries = entry.binaries(arch) if arch else {}
     bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
                  externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs,
-                 binaries=binaries, on_compile=on_compile)
+                 binaries=binaries, on_compile=on_compile, on_check=on_check)
     record["binaries_loaded"] = sorted(binaries)
     _attach_tuner(module, meta["kernels"], options, cache, entry.key, cache.load_json(entry, WINNERS_FILE))
     if options.dump_dir:

@@ -3,6 +3,7 @@
     flagtree demo       compile a tiny random-weight model with flagtree, compare greedy tokens with eager
     flagtree compile    compile a model for a target into the cache, no GPU needed (AOT)
     flagtree targets    the registered targets (chips flagtree lowers for) and how they differ
+    flagtree validate   compare a model compiled by flagtree with eager PyTorch: logits, top-1, greedy tokens, kernels
     flagtree cache      the compiled-artifact cache: ls, show, stats, verify, rm, clear, export, import
     flagtree --version
 
@@ -18,12 +19,12 @@ import sys
 from collections.abc import Sequence
 
 from flagtree_py import __version__
-from flagtree_py.cli import cache, compile, demo, targets
+from flagtree_py.cli import cache, compile, demo, targets, validate
 from flagtree_py.cli.common import installed_version
 
 #: one module per subcommand, in the order `flagtree --help` lists them
-#: (serve and validate join this list as they are written)
-COMMANDS = (demo, compile, targets, cache)
+#: (serve joins this list as it is written)
+COMMANDS = (demo, validate, compile, targets, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -456,6 +456,9 @@ class ModuleWriter:
             lines.append("    " + self.call_line(node))
         for node in stored:
             lines.append(f"    {builder.outputs[node.name]}.copy_({node.name})")
+        # which arguments the kernel writes: a kernel check (runtime/check.py) gives the fallback fresh ones
+        written = ", ".join(repr(builder.outputs[node.name]) for node in stored)
+        lines.append(f"\n\n{spec.name}_fallback.writes = ({written}{',' if len(stored) == 1 else ''})")
         return "\n".join(lines)
 
     # -- module --------------------------------------------------------------------------------

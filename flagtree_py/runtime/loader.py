@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flagtree_py.runtime.check import CheckCallback, CheckedKernel
 from flagtree_py.runtime.launch import GuardedKernel
 
 
@@ -38,12 +39,14 @@ def poisoned_empty_strided(size, stride, *, dtype, device):
 
 
 def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: dict, externs: dict, on_failure=None,
-                 poison: bool = False, binaries: dict | None = None, on_compile=None) -> None:
+                 poison: bool = False, binaries: dict | None = None, on_compile=None,
+                 on_check: CheckCallback | None = None) -> None:
     """Replace each `@triton.jit` kernel in the module by a `GuardedKernel`.
 
     On a machine without the target GPU the same source runs through Triton's interpreter.
     `binaries` maps a kernel name to (launch signature, {"cubin"|"ptx"|"json": path}) built ahead of
     time for this GPU: such a kernel launches its binary and Triton compiles nothing.
+    With `on_check` (option check_kernels) each becomes a `CheckedKernel` that compares every launch with aten.
     """
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
@@ -56,8 +59,13 @@ def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: di
 
             signature, files = binaries[name]
             binary = BinaryKernel(jit.fn, signature, files)
-        setattr(module, name, GuardedKernel(name, kernel, getattr(module, f"{name}_fallback"), on_failure,
-                                            interpreted=interpret, binary=binary, on_compile=on_compile))
+        fallback = getattr(module, f"{name}_fallback")
+        guard = {"interpreted": interpret, "binary": binary, "on_compile": on_compile}
+        if on_check is None:
+            guarded = GuardedKernel(name, kernel, fallback, on_failure, **guard)
+        else:
+            guarded = CheckedKernel(name, kernel, fallback, on_failure, on_check=on_check, **guard)
+        setattr(module, name, guarded)
     module.constants.update(constants)
     if poison:
         module.empty_strided = poisoned_empty_strided

@@ -1,0 +1,507 @@
+"""Whole-model decode benchmark (issue 9): eager vs Inductor vs flagtree, generating with a static KV cache.
+
+One model per run (`--model`), real shapes, random bf16 weights, transformers' model with its StaticCache,
+batch 1 and 32, a context already in the cache (`--context`, default 1024). For every mode:
+
+- ms per decode step (one token per sequence), timed over `--tokens` greedy steps after warm-up;
+- % of the HBM roofline: floor = bytes a step must read (weights it touches + the context's KV) over the
+  copy bandwidth measured in the same run (read + write bytes of a large device copy per second);
+- first-call seconds per batch size (Dynamo + backend compile + first run): flagtree's cold figure runs with
+  an empty flagtree cache, its warm figure in a second process that finds the cache filled;
+- flagtree only: Dynamo recompiles across prompt lengths 1..4096 (prefill at `--lengths`, on a model of the
+  same shapes with `--recompile-layers` layers), and top-1 agreement with eager over >= 1,000 positions
+  (batch 32, `--agreement-steps` decode steps with the same tokens fed to both; each keeps its own cache).
+
+Each mode runs in its own subprocess, so that a crash (or a poisoned CUDA context) loses that mode only; a
+mode that would start after `--budget-s` (default 540 s) is skipped and recorded as skipped. Modes run in
+the order eager, flagtree, flagtree-warm, reduce-overhead, max-autotune. Compiler caches (flagtree's,
+Triton's, Inductor's) start empty in every run. One model per run; JSON to --out, a PNG chart beside it.
+
+    python benchmarks/decode.py --model qwen3 --modes eager,flagtree --out decode_qwen3_flagtree.json
+    python benchmarks/decode.py --model qwen3 --modes eager,reduce-overhead --out decode_qwen3_inductor.json
+    python benchmarks/decode.py --model qwen3-30b-a3b --out decode_qwen3moe.json     # 24 layers by default
+    python benchmarks/decode.py --smoke --out /tmp/decode_smoke.json   # tiny shapes on the CPU (tests the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODES = ("eager", "reduce-overhead", "max-autotune", "flagtree")
+#: Qwen3-30B-A3B: 48 layers of 61 GB in bf16 do not leave room for batch 32's cache and the compilers'
+#: workspaces on an 80 GB H100, and its compile times scale with layers: 24 layers by default (recorded)
+DEFAULT_LAYERS = {"qwen3": None, "qwen3-30b-a3b": 24}
+DEFAULT_LENGTHS = (1, 2, 3, 5, 8, 17, 64, 100, 255, 512, 1000, 2048, 3000, 4096)
+SMOKE_LENGTHS = (1, 2, 3, 5, 8, 17, 33)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=tuple(DEFAULT_LAYERS), default="qwen3")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: all for qwen3, 24 for MoE)")
+    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    parser.add_argument("--context", type=int, default=1024, help="tokens already in the cache (default 1024)")
+    parser.add_argument("--tokens", type=int, default=32, help="timed decode steps per batch size (default 32)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call (default 3)")
+    parser.add_argument("--modes", default="eager,reduce-overhead,flagtree", help=f"of {','.join(MODES)}")
+    parser.add_argument("--max-autotune", action="store_true", help="add Inductor mode=max-autotune (slow compile)")
+    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                        help="prefill lengths of the recompile count (flagtree)")
+    parser.add_argument("--recompile-layers", type=int, default=2,
+                        help="layers of the model the recompile count compiles (default 2; same shapes otherwise)")
+    parser.add_argument("--agreement-steps", type=int, default=32,
+                        help="decode steps at the largest batch compared with eager (default 32: 32x32 = 1024)")
+    parser.add_argument("--experts", default="grouped_mm",
+                        help="transformers experts implementation of MoE models (default grouped_mm: batched_mm "
+                        "gathers every token's expert weights, tens of GB at prefill lengths of thousands)")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="skip modes that would start later (default 540)")
+    parser.add_argument("--mode-timeout-s", type=float, default=420.0, help="one mode's subprocess limit")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, float32, on the CPU (Triton's interpreter)")
+    parser.add_argument("--out", required=True, help="JSON path; the chart goes beside it (.png)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one mode, write JSON
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.context, args.tokens, args.warmup = min(args.context, 12), min(args.tokens, 4), min(args.warmup, 1)
+        args.agreement_steps = min(args.agreement_steps, 4)
+        args.recompile_layers = 1
+        if args.batch == "1,32":
+            args.batch = "1,2"
+        if args.lengths == ",".join(map(str, DEFAULT_LENGTHS)):
+            args.lengths = ",".join(map(str, SMOKE_LENGTHS))
+    if args.layers is None:
+        args.layers = 2 if args.smoke else DEFAULT_LAYERS[args.model]
+    args.batches = [int(b) for b in args.batch.split(",")]
+    args.length_list = [int(n) for n in args.lengths.split(",")]
+    args.mode_list = [m for m in args.modes.split(",") if m] + (["max-autotune"] if args.max_autotune else [])
+    unknown = sorted(set(args.mode_list) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
+    return args
+
+
+# -- the model and one decode step --------------------------------------------------------------------------
+
+
+def device_and_dtype(args) -> tuple[str, torch.dtype]:
+    return ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+
+
+def build(args, layers: int | None = None):
+    """The HF causal LM (not our logits wrapper: the static cache needs its full forward)."""
+    from flagtree_py.models import build_model, real_config, tiny_config
+
+    device, dtype = device_and_dtype(args)
+    config = tiny_config(args.model) if args.smoke else real_config(args.model)
+    experts = args.experts if hasattr(config, "num_experts") and not args.smoke else "batched_mm"
+    model = build_model(config, dtype=dtype, device=device, num_layers=layers or args.layers, seed=0,
+                        experts_implementation=experts)
+    return model.causal_lm, experts
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Decoder:
+    """A static cache of `batch` x `max_len` and `step(ids, positions) -> logits` through one callable."""
+
+    def __init__(self, lm, batch: int, max_len: int, device: str) -> None:
+        from transformers import StaticCache
+
+        self.lm, self.device, self.batch, self.max_len = lm, device, batch, max_len
+        self.cache = StaticCache(config=lm.config, max_cache_len=max_len)
+        # allocate the cache outside any compiled region (transformers would otherwise do it lazily, mid-graph)
+        config = lm.config
+        head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+        if hasattr(self.cache, "early_initialization"):
+            self.cache.early_initialization(batch, config.num_key_value_heads, head_dim, lm.dtype, torch.device(device))
+        else:  # older transformers: one eager token allocates it
+            self.prefill(torch.zeros(batch, 1, dtype=torch.long, device=device))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True).logits
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Eager prefill: fills the cache with a context (its content does not change a step's cost)."""
+        self.cache.reset()
+        positions = torch.arange(ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+        with torch.no_grad():
+            return self.forward(ids, positions)
+
+
+def compile_for(mode: str, fn, args):
+    if mode == "eager":
+        return fn
+    if mode == "flagtree":
+        target = "interpreter" if args.smoke else "auto"
+        return torch.compile(fn, backend="flagtree", options={"target": target})
+    return torch.compile(fn, mode=mode)
+
+
+def run_steps(step, decoder: Decoder, first: torch.Tensor, start: int, count: int, cudagraphs: bool):
+    """`count` greedy decode steps from position `start`; returns the last tokens (device tensor)."""
+    tokens = first
+    # a fresh contiguous tensor per step, made before the loop: Dynamo guards on strides and views' bases
+    positions = [torch.full((decoder.batch, 1), start + i, device=decoder.device) for i in range(count)]
+    for i in range(count):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(tokens, positions[i])
+        tokens = logits[:, -1].argmax(-1, keepdim=True)
+    return tokens
+
+
+# -- one mode in its own process -----------------------------------------------------------------------------
+
+
+def worker(args) -> dict:
+    import flagtree_py
+
+    device, _ = device_and_dtype(args)
+    mode = args.worker.removesuffix("-warm")
+    result: dict = {"mode": args.worker, "batches": {}}
+    start = time.perf_counter()
+    lm, result["experts_implementation"] = build(args)
+    result["build_s"] = round(time.perf_counter() - start, 2)
+    vocab = lm.config.vocab_size
+    batches = args.batches[:1] if args.worker.endswith("-warm") else args.batches
+    cudagraphs = mode in ("reduce-overhead", "max-autotune")
+    for batch in batches:
+        torch._dynamo.reset()
+        entry: dict = {}
+        graphs_before = _dynamo_graphs()
+        try:
+            steps = max(args.warmup + args.tokens + 1, args.agreement_steps)
+            decoder = Decoder(lm, batch, args.context + steps + 1, device)
+            context = torch.randint(0, vocab, (batch, args.context), device=device)
+            first = decoder.prefill(context)[:, -1].argmax(-1, keepdim=True)
+            step = compile_for(mode, decoder.forward, args)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                tokens = run_steps(step, decoder, first, args.context, 1, cudagraphs)
+                synchronize(device)
+                entry["first_call_s"] = round(time.perf_counter() - t0, 3)
+                tokens = run_steps(step, decoder, tokens, args.context + 1, args.warmup, cudagraphs)
+                synchronize(device)
+                t0 = time.perf_counter()
+                run_steps(step, decoder, tokens, args.context + 1 + args.warmup, args.tokens, cudagraphs)
+                synchronize(device)
+            elapsed = time.perf_counter() - t0
+            entry["ms_per_step"] = round(1000 * elapsed / args.tokens, 3)
+            entry["tokens_per_s"] = round(batch * args.tokens / elapsed, 1)
+            entry["dynamo_graphs"] = _dynamo_graphs() - graphs_before
+            entry["cudagraph_skips"] = _cudagraph_skips()
+            if args.worker == "flagtree" and batch == max(args.batches):
+                result["agreement"] = _guarded(agreement, lm, args, device, decoder, step)
+        except Exception as error:  # noqa: BLE001 -- one batch size failing must not lose the others
+            entry["error"] = f"{type(error).__name__}: {error}"[:2000]
+            entry["traceback"] = traceback.format_exc()[-4000:]
+        result["batches"][str(batch)] = entry
+        if mode == "flagtree":
+            entry["flagtree"] = _flagtree_summary(flagtree_py.report())
+            flagtree_py.clear_report()
+        decoder = step = None  # free this batch's cache before the next one
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.worker == "flagtree":
+        torch._dynamo.reset()
+        lm = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        result["recompiles"] = _guarded(recompiles, args, device)
+    return result
+
+
+def _guarded(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001 -- recorded; the other measurements still count
+        return {"error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _flagtree_summary(records: list[dict]) -> dict:
+    return {
+        "graphs": len(records),
+        "cache": [r.get("cache") for r in records],
+        "graph_fallbacks": [r.get("error") for r in records if r.get("fallback") == "graph"],
+        "triton_kernels": sum(r.get("triton_kernels", 0) for r in records),
+        "kernel_failures": [f for r in records for f in r.get("kernel_failures", [])][:5],
+        "extern_ops": sorted({op for r in records for op in r.get("extern_ops", [])}),
+        "flagtree_compile_s": round(sum(r.get("compile_s", 0.0) for r in records), 3),
+    }
+
+
+def agreement(lm, args, device: str, compiled: Decoder, step) -> dict:
+    """Top-1 of flagtree vs eager at the largest batch, on the same input tokens (eager's greedy choice),
+    each model with its own cache: batch x steps decode positions. Reuses the timed batch's compiled step
+    (and so its cache: a new cache object would make Dynamo compile again)."""
+    batch, steps = compiled.batch, args.agreement_steps
+    eager = Decoder(lm, batch, compiled.max_len, device)
+    graphs_before = _dynamo_graphs()
+    context = torch.randint(0, lm.config.vocab_size, (batch, args.context), device=device)
+    tokens = eager.prefill(context)[:, -1].argmax(-1, keepdim=True)
+    compiled.prefill(context)
+    agree, positions, worst, scale = 0, 0, 0.0, 0.0
+    with torch.no_grad():
+        for i in range(steps):
+            position = torch.full((batch, 1), args.context + i, device=device)
+            want = eager.forward(tokens, position)[:, -1].float()
+            got = step(tokens, position)[:, -1].float()
+            agree += int((want.argmax(-1) == got.argmax(-1)).sum().item())
+            positions += batch
+            worst = max(worst, (got - want).abs().max().item())
+            scale = max(scale, want.abs().max().item())
+            tokens = want.argmax(-1, keepdim=True)
+    return {"batch": batch, "steps": steps, "positions": positions, "top1_agreement": agree / positions,
+            "max_abs_logit_error": worst, "max_rel_logit_error": worst / scale if scale else 0.0,
+            "dynamo_graphs_compiled": _dynamo_graphs() - graphs_before}
+
+
+def recompiles(args, device: str) -> dict:
+    """Prefill (compiled by flagtree, batch 1, default dynamic=None as users call it) at every length of
+    --lengths: how many graphs Dynamo compiled, and at which lengths. On a model of the same shapes with
+    --recompile-layers layers: what Dynamo guards on does not depend on the layer count, and every compile
+    of the whole model would cost minutes of Triton builds."""
+    import flagtree_py
+
+    lm, _ = build(args, args.recompile_layers)
+    lengths = args.length_list
+    decoder = Decoder(lm, 1, max(lengths) + 1, device)
+    step = compile_for("flagtree", decoder.forward, args)
+    from torch._dynamo.utils import counters
+
+    new_graph_at, per_length = [], []
+    before = _dynamo_graphs()
+    breaks_before = dict(counters["graph_break"])
+    with torch.no_grad():
+        for length in lengths:
+            decoder.cache.reset()
+            ids = torch.randint(0, lm.config.vocab_size, (1, length), device=device)
+            seen = _dynamo_graphs()
+            t0 = time.perf_counter()
+            step(ids, torch.arange(length, device=device).unsqueeze(0))
+            synchronize(device)
+            per_length.append({"length": length, "s": round(time.perf_counter() - t0, 3)})
+            if _dynamo_graphs() > seen:
+                new_graph_at.append(length)
+    graphs = _dynamo_graphs() - before
+    records = flagtree_py.report()
+    flagtree_py.clear_report()
+    breaks: dict = {}
+    for reason, n in counters["graph_break"].items():
+        if n > breaks_before.get(reason, 0):
+            short = _short_reason(reason)
+            breaks[short] = breaks.get(short, 0) + n - breaks_before.get(reason, 0)
+    # a recompile: a length after the first that made Dynamo compile again (each compile may hold several
+    # graphs when the forward has graph breaks, listed apart)
+    return {"layers": args.recompile_layers, "lengths": lengths, "recompiles": max(0, len(new_graph_at) - 1),
+            "new_graph_at_lengths": new_graph_at,
+            "dynamo_graphs": graphs, "graph_breaks": breaks, "flagtree_graphs": len(records),
+            "dynamic_symbols": sorted({s for r in records for s in r.get("dynamic_symbols", [])}),
+            "per_length": per_length}
+
+
+def _short_reason(reason: str) -> str:
+    """Dynamo's graph-break text, cut to its first line and the source line it broke on."""
+    lines = reason.splitlines()
+    code = next((line.strip() for line in lines if ", code: " in line), "")
+    return f"{lines[0]} at {code}" if code else lines[0]
+
+
+# -- the parent: bandwidth, roofline, one subprocess per mode, JSON and chart --------------------------------
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy, counting the read and the write."""
+    size = (1 << 30) if device == "cuda" else (1 << 26)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize(device)
+    repeats = 20 if device == "cuda" else 5
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * size * repeats / (time.perf_counter() - t0)
+
+
+def bytes_per_step(args, batch: int) -> dict:
+    """What one decode step must read from memory at least: every weight it uses once, and the context's KV."""
+    from flagtree_py.models import build_model, real_config, tiny_config
+
+    _, dtype = device_and_dtype(args)
+    config = tiny_config(args.model) if args.smoke else real_config(args.model)
+    meta = build_model(config, dtype=dtype, device="meta", num_layers=args.layers).causal_lm
+    element = torch.finfo(dtype).bits // 8
+    config = meta.config
+    embedding = meta.get_input_embeddings().weight.numel()
+    experts = sum(p.numel() for n, p in meta.named_parameters() if ".experts." in n)
+    other = sum(p.numel() for p in meta.parameters()) - embedding - experts
+    if experts:  # uniform random routing of `batch` tokens: expected distinct experts per layer
+        total, top_k = config.num_experts, config.num_experts_per_tok
+        used = total * (1 - (1 - top_k / total) ** batch) / total
+    else:
+        used = 0.0
+    weights = (other + experts * used + batch * config.hidden_size) * element
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * args.context * batch * element
+    return {"weights": int(weights), "kv_cache": int(kv), "total": int(weights + kv),
+            "expert_fraction_read": round(used, 4) if experts else None}
+
+
+def run_mode(args, name: str, environment: dict, remaining_s: float) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = handle.name
+    command = [sys.executable, __file__, *sys.argv[1:], "--worker", name, "--worker-out", out]
+    started = time.perf_counter()
+    try:
+        finished = subprocess.run(command, check=False, env=environment, capture_output=True, text=True,
+                                  timeout=min(args.mode_timeout_s, max(remaining_s, 30)))
+        text = Path(out).read_text() if Path(out).stat().st_size else ""
+        result = json.loads(text) if text else {"mode": name, "error": f"exit {finished.returncode}, no result"}
+        if finished.returncode != 0:
+            result["exit_status"] = finished.returncode
+            result["stderr_tail"] = finished.stderr[-3000:]
+    except subprocess.TimeoutExpired:
+        result = {"mode": name, "error": f"timed out after {min(args.mode_timeout_s, max(remaining_s, 30)):.0f} s"}
+    finally:
+        Path(out).unlink(missing_ok=True)
+    result["process_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def parent(args) -> dict:
+    import transformers
+    import triton
+
+    device, dtype = device_and_dtype(args)
+    started = time.perf_counter()
+    bandwidth = copy_bandwidth(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    report = {
+        "benchmark": "decode", "model": args.model, "layers": args.layers, "smoke": args.smoke,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "context": args.context, "timed_steps": args.tokens,
+        "warmup_steps": args.warmup, "batches": args.batches, "date": time.strftime("%Y-%m-%d"),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "bytes_per_step": {str(b): bytes_per_step(args, b) for b in args.batches},
+        "modes": {},
+        "notes": ["ms_per_step is one decode step: one new token for each of `batch` sequences",
+                  ("roofline floor = bytes_per_step.total / copy bandwidth; KV counted at the context length, "
+                   "although transformers' static cache attends over its whole (masked) buffer")],
+    }
+    report["roofline_ms"] = {b: round(1000 * v["total"] / bandwidth, 3) for b, v in report["bytes_per_step"].items()}
+    # empty caches (flagtree's, Triton's kernels, Inductor's): every mode's first process compiles cold
+    scratch = Path(tempfile.mkdtemp(prefix="flagtree-decode-"))
+    environment = {**os.environ, "FLAGTREE_CACHE_DIR": str(scratch / "flagtree"),
+                   "TRITON_CACHE_DIR": str(scratch / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
+    report["caches"] = f"fresh per run under {scratch}; flagtree-warm reuses flagtree's and Triton's"
+    names = []
+    # flagtree (the subject) right after eager (the reference); Inductor last, where the budget may skip it
+    for mode in sorted(args.mode_list, key=("eager", "flagtree", "reduce-overhead", "max-autotune").index):
+        names.append(mode)
+        if mode == "flagtree":
+            names.append("flagtree-warm")  # a second process: the same graphs, found in the cache
+    for name in names:
+        remaining = args.budget_s - (time.perf_counter() - started)
+        if remaining <= 0:
+            report["modes"][name] = {"mode": name, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
+            continue
+        print(f"decode: {name} ...", file=sys.stderr, flush=True)
+        report["modes"][name] = result = run_mode(args, name, environment, remaining)
+        for batch, entry in result.get("batches", {}).items():
+            if "ms_per_step" in entry:
+                entry["roofline_percent"] = round(100 * report["roofline_ms"][batch] / entry["ms_per_step"], 1)
+        print(f"decode: {name}: {_brief(result)}", file=sys.stderr, flush=True)
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _brief(result: dict) -> str:
+    if "error" in result or "skipped" in result:
+        return result.get("error") or result["skipped"]
+    parts = [f"b{b}: {e['ms_per_step']} ms/step, first call {e['first_call_s']} s" if "ms_per_step" in e
+             else f"b{b}: {e.get('error', '?')[:200]}" for b, e in result["batches"].items()]
+    return "; ".join(parts)
+
+
+def chart(report: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    batches = [str(b) for b in report["batches"]]
+    # flagtree-warm measures compile time; its steps run the same kernels as flagtree's
+    modes = [m for m, r in report["modes"].items()
+             if m != "flagtree-warm" and any("ms_per_step" in e for e in r.get("batches", {}).values())]
+    figure, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for axis, batch in zip(axes[0], batches):
+        values = [report["modes"][m]["batches"].get(batch, {}).get("ms_per_step", math.nan) for m in modes]
+        axis.bar(modes, values, color="tab:blue")
+        axis.axhline(report["roofline_ms"][batch], color="tab:red", linestyle="--", label="HBM roofline")
+        axis.set_title(f"{report['model']} ({report['layers'] or 'all'} layers), batch {batch}")
+        axis.set_ylabel("ms per decode step")
+        axis.tick_params(axis="x", rotation=30)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return str(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        result = worker(args)
+        Path(args.worker_out).write_text(json.dumps(result, indent=1))
+        return 0
+    if not args.smoke and not torch.cuda.is_available():
+        print("decode: needs a CUDA GPU (or --smoke for tiny shapes on the CPU)", file=sys.stderr)
+        return 2
+    report = parent(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["chart"] = chart(report, out.with_suffix(".png"))
+    out.write_text(json.dumps(report, indent=1))
+    print(json.dumps({m: _brief(r) for m, r in report["modes"].items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

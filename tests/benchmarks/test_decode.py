@@ -1,0 +1,52 @@
+"""benchmarks/decode.py --smoke: the whole-model decode benchmark's script runs end to end on tiny shapes on
+the CPU (the real run is the lead's, on an H100). Not a timing test: only the figures' presence and the
+correctness facts (flagtree's agreement with eager, cache hit in the warm process) are asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+
+
+@pytest.mark.slow
+def test_decode_smoke(tmp_path):
+    out = tmp_path / "decode.json"
+    environment = {k: v for k, v in os.environ.items() if k not in ("FLAGTREE_TARGET", "FLAGTREE_DUMP_DIR")}
+    finished = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--modes", "eager,flagtree", "--lengths", "1,2,5", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env=environment, check=False)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report["model"], report["layers"], report["batches"], report["dtype"]) == ("qwen3", 2, [1, 2], "float32")
+    assert set(report["modes"]) == {"eager", "flagtree", "flagtree-warm"}
+    assert report["copy_bandwidth_gb_s"] > 0 and all(v > 0 for v in report["roofline_ms"].values())
+    for name, mode in report["modes"].items():
+        assert "error" not in mode, mode
+        batches = ["1"] if name == "flagtree-warm" else ["1", "2"]
+        assert sorted(mode["batches"]) == batches
+        for batch, entry in mode["batches"].items():
+            assert "error" not in entry, entry.get("traceback")
+            assert entry["ms_per_step"] > 0 and entry["first_call_s"] > 0
+            # tiny shapes in Triton's interpreter are far from any roofline: only the arithmetic is checked
+            assert entry["roofline_percent"] == round(100 * report["roofline_ms"][batch] / entry["ms_per_step"], 1)
+    cold, warm = report["modes"]["flagtree"], report["modes"]["flagtree-warm"]
+    for batch in ("1", "2"):  # decode: one graph per batch size, compiled by flagtree, no graph break
+        facts = cold["batches"][batch]["flagtree"]
+        assert cold["batches"][batch]["dynamo_graphs"] == 1 and facts["graphs"] == 1
+        assert facts["graph_fallbacks"] == [] and facts["triton_kernels"] > 0
+    assert cold["batches"]["1"]["flagtree"]["cache"] == ["miss"]
+    assert warm["batches"]["1"]["flagtree"]["cache"] == ["hit"]
+    agreement = cold["agreement"]
+    assert agreement["positions"] == 2 * 4 and agreement["top1_agreement"] == 1.0
+    assert agreement["dynamo_graphs_compiled"] == 0  # the timed step's graph served it
+    assert agreement["max_rel_logit_error"] < 1e-5  # float32: summation order only
+    recompiles = cold["recompiles"]
+    assert recompiles["layers"] == 1 and recompiles["lengths"] == [1, 2, 5] and recompiles["new_graph_at_lengths"][0] == 1
+    assert recompiles["recompiles"] == len(recompiles["new_graph_at_lengths"]) - 1

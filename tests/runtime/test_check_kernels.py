@@ -1,0 +1,85 @@
+"""Option check_kernels: every launch is recomputed by the kernel's aten fallback; the error per kernel is
+recorded, a wrong kernel is caught and named, and with the option off nothing changes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import flagtree_py
+from flagtree_py.codegen import wrapper
+from flagtree_py.runtime.check import CheckedKernel, compare_outputs
+from flagtree_py.runtime.launch import GuardedKernel
+
+aten = torch.ops.aten
+
+
+def _kernels(record) -> list[GuardedKernel]:
+    module = sys.modules[record["module_path"].rsplit("/", 1)[-1][:-3]]
+    return [k for k in vars(module).values() if isinstance(k, GuardedKernel)]
+
+
+def f(x, w):
+    # two kernels: softmax (a reduction), then a pointwise exp/mul chain after the extern GEMM
+    h = torch.softmax(x * 2, -1) @ w
+    return torch.exp(h) * 0.5 + 1
+
+
+def test_every_launch_is_checked_and_agrees_with_aten():
+    x, w = torch.randn(5, 24), torch.randn(24, 7)
+    cf = torch.compile(f, backend="flagtree", options={"check_kernels": True})
+    for _ in range(2):
+        assert torch.allclose(cf(x, w), f(x, w), rtol=1e-5, atol=1e-5)
+    (record,) = flagtree_py.report()
+    kernels = _kernels(record)
+    assert len(kernels) == record["triton_kernels"] == 2
+    assert all(isinstance(k, CheckedKernel) for k in kernels)
+    assert set(record["kernel_errors"]) == {k.name for k in kernels}
+    for entry in record["kernel_errors"].values():
+        assert entry["launches"] == 2
+        # the same fp32 arithmetic in another order: a few ulps of values of size ~1-10
+        assert entry["max_rel_error"] < 1e-6 and entry["max_abs_error"] < 1e-5
+
+
+def test_off_by_default_binds_plain_kernels():
+    cf = torch.compile(f, backend="flagtree")
+    cf(torch.randn(5, 24), torch.randn(24, 7))
+    (record,) = flagtree_py.report()
+    assert "kernel_errors" not in record
+    assert {type(k) for k in _kernels(record)} == {GuardedKernel}
+
+
+def test_a_wrong_kernel_is_caught_and_named(monkeypatch: pytest.MonkeyPatch):
+    exp = wrapper._LOWERINGS[aten.exp.default]
+
+    def wrong_exp(k, node, index, mask):  # exp off by 3%: a plausible bug in one lowering
+        value = exp(k, node, index, mask)
+        return k.emit(f"{value.name} * 1.03", value.dtype)
+
+    monkeypatch.setitem(wrapper._LOWERINGS, aten.exp.default, wrong_exp)
+    cf = torch.compile(f, backend="flagtree", options={"check_kernels": True})
+    cf(torch.randn(5, 24), torch.randn(24, 7))
+    (record,) = flagtree_py.report()
+    errors = record["kernel_errors"]
+    worst = max(errors, key=lambda name: errors[name]["max_rel_error"])
+    sources = {k["name"]: k["nodes"] for k in record["kernels"]}
+    # the epilogue kernel (exp, mul, add): softmax's kernel has an exp too, but its normalisation divides
+    # the 3% away, so it still agrees with aten
+    assert "add" in sources[worst] and any(name.startswith("exp") for name in sources[worst])
+    assert 0.005 < errors[worst]["max_rel_error"] < 0.05
+    others = [e["max_rel_error"] for name, e in errors.items() if name != worst]
+    assert all(error < 1e-6 for error in others)
+
+
+def test_compare_outputs_treats_matching_non_finite_values_as_agreement():
+    want = torch.tensor([1.0, float("-inf"), float("nan"), 4.0])
+    assert compare_outputs(want.clone(), want) == (0.0, 4.0)
+    got = want.clone()
+    got[3] = 4.5
+    assert compare_outputs(got, want) == (0.5, 4.0)
+    got = want.clone()
+    got[1] = 0.0
+    assert compare_outputs(got, want)[0] == float("inf")
+    assert compare_outputs(torch.tensor([1, 2]), torch.tensor([1, 3]))[0] == float("inf")
