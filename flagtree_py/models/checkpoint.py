@@ -74,11 +74,9 @@ def default_checkpoint_dir() -> Path:
 def build_tiny_checkpoint(preset: str, root: Path | None = None) -> Path:
     """The folder of `preset`'s tiny checkpoint, written on first use and reused while complete."""
     architecture = get_preset(preset).architecture  # UnknownPresetError for a bad name
-    if architecture not in (QWEN3, QWEN3_MOE, STEP3_TEXT):
-        raise ValueError(
-            f"preset {preset!r} has no tiny servable checkpoint: vLLM serves Qwen3-Omni only as the whole "
-            "multimodal thinker (audio and vision towers included), not its text decoder alone"
-        )
+    problem = tiny_checkpoint_problem(preset)
+    if problem:
+        raise ValueError(problem)
     root = Path(root) if root is not None else default_checkpoint_dir()
     folder = root / f"{preset}-tiny-v{CHECKPOINT_VERSION}"
     if is_complete(folder):
@@ -97,6 +95,14 @@ def build_tiny_checkpoint(preset: str, root: Path | None = None) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def tiny_checkpoint_problem(preset: str) -> str | None:
+    """Why `preset` has no tiny checkpoint vLLM can serve, or None where it has one."""
+    if get_preset(preset).architecture in (QWEN3, QWEN3_MOE, STEP3_TEXT):
+        return None
+    return (f"preset {preset!r} has no tiny servable checkpoint: vLLM serves Qwen3-Omni only as the whole "
+            "multimodal thinker (audio and vision towers included), not its text decoder alone")
 
 
 def is_complete(folder: Path) -> bool:
