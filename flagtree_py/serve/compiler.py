@@ -12,6 +12,10 @@ every module in its cache (no passes, no code generation, no Triton compile).
 
 Visibility: one log line per compiled graph on stderr, and flagtree's report records of this process in the
 JSON file named by FLAGTREE_SERVE_REPORT (written after every compile; `flagtree serve` prints its path).
+
+FLAGTREE_SERVE_AOT_CHECK=90 (a compute capability; tests use it on CPU machines): after a compiled graph's
+first run, every kernel it launched is also compiled ahead of time for that NVIDIA GPU (runtime/aot.py), and
+the report's record says how many built; proof that what vLLM's graphs became would build for the GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from flagtree_py.options import CompileOptions
 from flagtree_py.report import report
 from flagtree_py.serve import OPTIONS_ENV, REPORT_ENV
 
+AOT_CHECK_ENV = "FLAGTREE_SERVE_AOT_CHECK"
+
 _LOCK = threading.Lock()
 
 
@@ -41,6 +47,7 @@ class FlagtreeCompiler(CompilerInterface):
         # Options are read once, here, from what `flagtree serve` put in the environment.
         self.options = CompileOptions.from_user(json.loads(os.environ.get(OPTIONS_ENV) or "{}"))
         self.report_path = os.environ.get(REPORT_ENV)
+        self.aot_capability = int(os.environ[AOT_CHECK_ENV]) if os.environ.get(AOT_CHECK_ENV) else None
 
     def compute_hash(self, vllm_config) -> str:
         """What changes flagtree's output beyond vLLM's own hash: flagtree's version, source and options."""
@@ -76,7 +83,51 @@ class FlagtreeCompiler(CompilerInterface):
             records = report()[before:]
             if self.report_path:
                 _write_report(Path(self.report_path), report())
+        if self.aot_capability is not None:
+            compiled = self._checked_ahead_of_time(compiled, records)
         return compiled, records
+
+    def _checked_ahead_of_time(self, compiled, records):
+        """`compiled`, which after its first run builds the kernels it launched for an NVIDIA GPU."""
+        pending = [True]
+
+        def call(*args):
+            result = compiled(*args)
+            if pending:
+                pending.clear()
+                for record in records:
+                    _AOT_RESULTS[record["graph"]] = _compile_ahead_of_time(record, self.aot_capability)
+                if self.report_path:
+                    with _LOCK:
+                        _write_report(Path(self.report_path), report())
+            return result
+
+        return call
+
+
+_AOT_RESULTS: dict[str, dict] = {}  # graph name -> what the ahead-of-time check built
+
+
+def _compile_ahead_of_time(record: dict, capability: int) -> dict:
+    from flagtree_py.runtime.aot import compile_for_nvidia
+    from flagtree_py.runtime.launch import GuardedKernel
+
+    module = sys.modules.get(Path(record.get("module_path", "")).stem)
+    kernels = [k for k in vars(module).values() if isinstance(k, GuardedKernel)] if module else []
+    result = {"capability": capability, "built": [], "failed": {}, "not_launched": []}
+    for kernel in kernels:
+        if kernel.signature is None:
+            result["not_launched"].append(kernel.name)
+            continue
+        try:
+            compiled = compile_for_nvidia(kernel.kernel.fn, kernel.signature, capability)
+            if compiled.asm.get("cubin"):
+                result["built"].append(kernel.name)
+        except Exception as error:  # noqa: BLE001 (reported, not raised: a check; the server keeps serving)
+            result["failed"][kernel.name] = f"{type(error).__name__}: {error}"[:300]
+    print(f"flagtree: {record['graph']}: {len(result['built'])}/{len(kernels)} kernels built ahead of time for "
+          f"sm_{capability}", file=sys.stderr, flush=True)
+    return result
 
 
 def _log(record: dict, compile_range) -> None:
@@ -91,6 +142,7 @@ def _log(record: dict, compile_range) -> None:
 def _write_report(path: Path, records: list[dict]) -> None:
     """All records of this process, rewritten whole (a reader never sees half a file: write, then rename)."""
     kept = [{k: v for k, v in r.items() if k != "kernels"} | {"kernel_names": [k["name"] for k in r.get("kernels", [])]}
+            | ({"aot_check": _AOT_RESULTS[r["graph"]]} if r["graph"] in _AOT_RESULTS else {})
             for r in records]
     summary = {
         "graphs": len(kept),

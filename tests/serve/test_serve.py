@@ -79,7 +79,8 @@ def start(preset: str, tmp_path: Path, dump_dir: Path) -> Server:
     command = [sys.executable, "-m", "flagtree_py.cli.main", "serve", preset, "--tiny", "--port", str(port),
                "--report", str(report), "--dump-dir", str(dump_dir), "--", "--max-model-len", "512",
                "--max-num-seqs", "4"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # kernels run in Triton's interpreter here; the check also builds each one for sm_90 (Hopper), ahead of time
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FLAGTREE_SERVE_AOT_CHECK="90", VLLM_CACHE_ROOT=str(tmp_path / "vllm"))
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                    cwd=Path(__file__).resolve().parents[2])
@@ -139,6 +140,9 @@ def test_tiny_preset_is_served_with_flagtree_compiling_the_model(preset: str, tm
         assert "torch.ops.vllm.unified_kv_cache_update.default" in summary["extern_ops"]
         assert summary["passes"]["fuse_rms_norm"] + summary["passes"]["fuse_add_rms_norm"] > 0
         assert log.count("flagtree: compiled graph_") >= len(records)
+        for record in records:  # every kernel vLLM's graph became also builds for an H100
+            check = record["aot_check"]
+            assert sorted(check["built"]) == sorted(record["kernel_names"]) and not check["failed"], check
         assert sorted(dump_dir.glob("graph_*.aten.txt"))  # the aten graphs flagtree saw, for the fusion tests
     finally:
         server.stop()
