@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from flagtree_py.cli.common import Progress, error
-from flagtree_py.options import TARGET_CHOICES
+from flagtree_py.options import TARGET_CHOICES, CompileOptions
 
 PROG = "flagtree serve"
 
@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", dest="model_dir", metavar="DIR", help="the preset's weights: a local folder")
     parser.add_argument("--tiny", action="store_true",
                         help="serve a tiny random-weight checkpoint of the preset's architecture (built once)")
-    parser.add_argument("--target", default="auto", help=f"flagtree target: {', '.join(TARGET_CHOICES)}")
+    parser.add_argument("--target", default="auto", help=f"flagtree target: {', '.join(TARGET_CHOICES)} or a name from `flagtree targets`")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, help="default: the preset's port (DESIGN.md), else 8000")
     parser.add_argument("--api-key", help="clients must send this key (Authorization: Bearer KEY)")
@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
         problem = tiny_checkpoint_problem(preset.name)
         if problem:
             return error(PROG, problem)
-    if args.target not in TARGET_CHOICES:
-        return error(PROG, f"unknown target {args.target!r}; known: {', '.join(TARGET_CHOICES)}")
+    try:
+        CompileOptions.from_user({"target": args.target})  # a one-line error naming the known targets
+    except (ValueError, KeyError) as problem:
+        return error(PROG, str(problem).strip("'\""))
     port = args.port if args.port is not None else (preset.port if preset else 8000)
     if not _port_free(args.host, port):
         return error(PROG, f"port {port} on {args.host} is in use: pass --port N")

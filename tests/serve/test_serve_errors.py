@@ -47,6 +47,12 @@ def test_model_folder_that_does_not_exist(capsys, tmp_path):
     assert "no such folder" in one_error_line(capsys)
 
 
+def test_unknown_target(capsys):
+    assert main(["serve", "qwen3", "--tiny", "--target", "tpu"]) == 2
+    line = one_error_line(capsys)
+    assert "'tpu'" in line and "nvidia" in line
+
+
 def test_port_in_use(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
