@@ -1,5 +1,6 @@
 """`flagtree`: the command line (console script `flagtree = flagtree_py.cli.main:main`).
 
+    flagtree serve      vLLM's OpenAI-compatible server for a preset or a checkpoint, compiled by flagtree
     flagtree demo       compile a tiny random-weight model with flagtree, compare greedy tokens with eager
     flagtree compile    compile a model for a target into the cache, no GPU needed (AOT)
     flagtree targets    the registered targets (chips flagtree lowers for) and how they differ
@@ -19,12 +20,11 @@ import sys
 from collections.abc import Sequence
 
 from flagtree_py import __version__
-from flagtree_py.cli import cache, compile, demo, targets, validate
+from flagtree_py.cli import cache, compile, demo, serve, targets, validate
 from flagtree_py.cli.common import installed_version
 
 #: one module per subcommand, in the order `flagtree --help` lists them
-#: (serve joins this list as it is written)
-COMMANDS = (demo, validate, compile, targets, cache)
+COMMANDS = (serve, demo, validate, compile, targets, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +50,15 @@ def version_line() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # everything after the first `--` is another program's arguments (`flagtree serve qwen3 -- --max-num-seqs 4`)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     try:
         args = parser.parse_args(argv)
+        if passthrough and not getattr(args, "takes_passthrough", False):
+            parser.error(f"{args.command} takes no arguments after `--`")
+        args.passthrough = passthrough
     except SystemExit as exit_:  # --help and --version exit 0, argparse errors exit 2
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
     try:

@@ -119,6 +119,8 @@ class ModuleWriter:
             return self.device(a)
         if isinstance(a, (torch.layout, torch.memory_format)):
             return str(a)
+        if isinstance(a, torch._ops.OpOverload):  # the op a higher-order op wraps (vLLM's auto_functionalized ops)
+            return self.target_name_of(a)
         if isinstance(a, float):
             if math.isnan(a):
                 return 'float("nan")'
@@ -135,14 +137,18 @@ class ModuleWriter:
             self.devices[key] = f"DEVICE_{key.replace(':', '_').upper()}"
         return self.devices[key]
 
+    @staticmethod
+    def target_name_of(target: torch._ops.OpOverload) -> str:
+        namespace = target.namespace
+        packet = target._overloadpacket.__name__
+        if namespace in ("aten", "prims"):
+            return f"{namespace}.{packet}.{target._overloadname}"
+        return f"torch.ops.{namespace}.{packet}.{target._overloadname}"
+
     def target_name(self, node: torch.fx.Node) -> str:
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
-            namespace = target.namespace
-            packet = target._overloadpacket.__name__
-            if namespace in ("aten", "prims"):
-                return f"{namespace}.{packet}.{target._overloadname}"
-            return f"torch.ops.{namespace}.{packet}.{target._overloadname}"
+            return self.target_name_of(target)
         if target is operator.getitem:
             return "operator.getitem"
         for name, known in self.out.extern_targets.items():
@@ -152,6 +158,16 @@ class ModuleWriter:
         name = f"{label if label.isidentifier() else 'extern'}_{len(self.out.extern_targets)}"
         self.out.extern_targets[name] = target
         return name
+
+    def extern_label(self, node: torch.fx.Node) -> str:
+        """How the report names an extern op: the op a higher-order wrapper calls, not `extern_3`."""
+        target = node.target
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            inner = next((a for a in node.args if isinstance(a, torch._ops.OpOverload)), None)
+            return f"{target.name()}({self.target_name_of(inner) if inner is not None else ''})"
+        if isinstance(target, torch._ops.OpOverload) or target is operator.getitem:
+            return self.target_name(node)
+        return getattr(target, "__qualname__", str(target))
 
     def call_line(self, node: torch.fx.Node, name: str | None = None) -> str:
         args = [self.arg(a) for a in node.args] + [f"{k}={self.arg(v)}" for k, v in node.kwargs.items()]
@@ -248,7 +264,7 @@ class ModuleWriter:
             if lines is not None:
                 return lines
         if kind == "extern":
-            self.out.extern_ops.append(self.target_name(node))
+            self.out.extern_ops.append(self.extern_label(node))
             lines = [self.call_line(node)]
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor) and any(u in self.partition.group_of for u in node.users):
