@@ -151,7 +151,7 @@ class AttentionWriter:
         precision = ', input_precision="ieee"' if dtype == torch.float32 else ""
         kernel = AttentionKernel(name, path, mask_kind, causal, precision, comment=[f"computes: {node.name}"])
         self.kernels[key] = kernel
-        source = render_template(f"attention_{path}.py.jinja", a=kernel)
+        source = render_template(f"attention_{path}.py.jinja", self.writer.target, a=kernel)
         fallback_args = f"mask_kind={mask_kind!r}, causal={causal}"
         section = [source, f"{name}_fallback = functools.partial({path}_fallback, {fallback_args})"]
         names = [name]

@@ -353,7 +353,7 @@ def reduce_fallback_source(spec: GemmSpec) -> str:
 def lower_gemm_group(writer, group, buffers: dict, views: set, lowerings: dict) -> tuple[str | None, list[str]]:
     """The kernels, aten twins and wrapper lines of one GEMM group (ModuleWriter.lower_group's
     counterpart); a form the template cannot take becomes aten, as other groups do."""
-    from flagtree_py.codegen.wrapper import _TEMPLATES, KernelRecord
+    from flagtree_py.codegen.wrapper import KernelRecord, render_template
 
     subgraph, externals = writer._group_subgraph(group, buffers)
     stored = [n for n, _ in group.stores()]
@@ -382,7 +382,7 @@ def lower_gemm_group(writer, group, buffers: dict, views: set, lowerings: dict) 
     writer.out.lowered_nodes += sum(1 for node in group.members if writer.kinds[node] not in ("view", "gemm"))
     spec.comment = [f"computes: {computes}", f"stores: {', '.join(n.name for n in stored)}",
                     f"accumulators: B columns {', '.join(f'{c}..{c}+N' for c in spec.offsets)}"]
-    source = _TEMPLATES.get_template("gemm.py.jinja").render(k=spec)
+    source = render_template("gemm.py.jinja", writer.target, k=spec)
     sections = [source, writer._fallback_source(spec, subgraph, stored, builder)]
     if spec.split:
         sections += [partial_fallback_source(spec, gemm), reduce_fallback_source(spec)]

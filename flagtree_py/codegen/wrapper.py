@@ -49,8 +49,9 @@ def template_environment(target_dir: str | None) -> jinja2.Environment:
     )
 
 
-def render_template(name: str, **values) -> str:
-    return _TEMPLATES.get_template(name).render(**values)
+def render_template(name: str, target, **values) -> str:
+    """Render template `name` as `target` sees it (its own variant first, else the generic one)."""
+    return template_environment(target.template_dir).get_template(name).render(**values)
 
 
 @dataclass
