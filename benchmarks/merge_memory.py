@@ -15,9 +15,12 @@ would dominate), compiles it with flagtree and runs it once on a few tokens. Mea
                       parameters would add (the q/k/v and gate/up weights once more)
 
 CPU is enough (the kernels run in Triton's interpreter); torch's CPU allocator keeps no statistics,
-hence storages and RSS.
+hence storages and RSS. With --device cuda the CUDA allocator's figures are added:
+  cuda_allocated_before/after   torch.cuda.memory_allocated() before compiling, after the first call
+  cuda_peak_delta               torch.cuda.max_memory_allocated() (reset before compiling) minus the
+                                allocation before it: the transient of compile + first call
 
-    python benchmarks/merge_memory.py --out merge_memory.json [--dtype bfloat16] [--tokens 4]
+    python benchmarks/merge_memory.py --out merge_memory.json [--dtype bfloat16] [--tokens 4] [--device cuda]
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _unique_bytes(module) -> int:
     return sum(storages.values())
 
 
-def run_case(merge: bool, dtype_name: str, tokens: int) -> dict:
+def run_case(merge: bool, dtype_name: str, tokens: int, device: str = "cpu") -> dict:
     import torch
 
     import flagtree_py
@@ -53,9 +56,10 @@ def run_case(merge: bool, dtype_name: str, tokens: int) -> dict:
     dtype = getattr(torch, dtype_name)
     config = copy.deepcopy(real_config("qwen3"))
     config.vocab_size = 1024
-    model = build_model(config, dtype=dtype, num_layers=1, seed=0)
+    model = build_model(config, dtype=dtype, num_layers=1, seed=0, device=device)
     layer = model.causal_lm.model.layers[0]
-    ids = torch.randint(0, 1024, (1, tokens))
+    ids = torch.randint(0, 1024, (1, tokens), device=device)
+    cuda = device == "cuda"
     attn, mlp = layer.self_attn, layer.mlp
     merged_params = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, mlp.gate_proj.weight, mlp.up_proj.weight]
     result = {
@@ -69,11 +73,19 @@ def run_case(merge: bool, dtype_name: str, tokens: int) -> dict:
         reference = model(ids).float()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
     rss_before = _status("VmRSS")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        result["cuda_allocated_before"] = torch.cuda.memory_allocated()
     start = time.perf_counter()
     compiled = torch.compile(model, backend="flagtree",
-                             options={"target": "interpreter", "cache": False, "merge_projections": merge})
+                             options={"target": "auto", "cache": False, "merge_projections": merge})
     with torch.no_grad():
         out = compiled(ids).float()
+    if cuda:
+        torch.cuda.synchronize()
+        result["cuda_allocated_after"] = torch.cuda.memory_allocated()
+        result["cuda_peak_delta"] = torch.cuda.max_memory_allocated() - result["cuda_allocated_before"]
     result["compile_and_first_call_s"] = round(time.perf_counter() - start, 2)
     result["peak_rss_delta"] = _status("VmHWM") - rss_before
     result["rss_bytes_after"] = _status("VmRSS")
@@ -91,18 +103,21 @@ def main() -> None:
     parser.add_argument("--out", default="merge_memory.json")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--case", choices=["merged", "unmerged"], help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case == "merged", args.dtype, args.tokens)))
+        print(json.dumps(run_case(args.case == "merged", args.dtype, args.tokens, args.device)))
         return
     import torch
 
     report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
               "model": "Qwen3-8B, 1 decoder layer, real shapes, random weights, vocabulary 1024",
-              "dtype": args.dtype, "tokens": args.tokens, "cases": []}
+              "dtype": args.dtype, "tokens": args.tokens, "device": args.device, "cases": []}
+    if args.device == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
     for case in ("unmerged", "merged"):
-        child = subprocess.run([sys.executable, __file__, "--case", case, "--dtype", args.dtype,
+        child = subprocess.run([sys.executable, __file__, "--case", case, "--dtype", args.dtype, "--device", args.device,
                                 "--tokens", str(args.tokens)], capture_output=True, text=True, check=False)
         if child.returncode != 0:
             report["cases"].append({"case": case, "error": child.stderr[-3000:]})

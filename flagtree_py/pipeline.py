@@ -56,7 +56,7 @@ from flagtree_py.runtime.autotune import GemmTuner, attach_tuner
 from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
 from flagtree_py.runtime.check import KernelErrors
 from flagtree_py.runtime.loader import bind_kernels, load_module
-from flagtree_py.runtime.merged_weights import colocate
+from flagtree_py.runtime.merged_weights import colocate, merged_weight
 from flagtree_py.targets import select_target
 
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
@@ -320,8 +320,9 @@ def _statistics(graph: torch.fx.Graph, partition, generated) -> dict:
         if group.name not in failed:
             in_kernels |= group.members
     calls = [n for n in graph.nodes if n.op == "call_function" and kinds[n] not in ("symbolic",)]
+    # merged_weight returns a view of colocated parameters: layout, not work
     work = [n for n in calls if kinds[n] != "view" and not is_gemm_or_attention(n)
-            and str(n.target) != "<built-in function getitem>"]
+            and str(n.target) != "<built-in function getitem>" and n.target is not merged_weight]
     views = [n for n in calls if kinds[n] == "view"]
     wrapper_source = generated.source.split("\ndef call(args):", 1)[-1]
     emitted_views = [n for n in views if f"    {n.name} = " in wrapper_source]

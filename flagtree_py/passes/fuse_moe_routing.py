@@ -84,8 +84,9 @@ def _match(topk: torch.fx.Node) -> dict | None:
         return None  # the kernel holds one row of experts: a static count
     if probs.meta["val"].dtype != torch.float32:
         return None  # the fused op computes the softmax in float32, as the models do
-    raw = x.args[0] if is_op(x, *CASTS) and len(x.users) == 2 and x.args[0].meta["val"].dtype.is_floating_point \
-        else x  # the router's own dtype: the kernel upcasts while loading
+    raw = x  # the router's own dtype, under an upcast to float32: the kernel upcasts while loading
+    if is_op(x, *CASTS) and len(x.users) == 2 and _is_float_on(x.args[0], val.device):
+        raw = x.args[0]
     like_users = [u for u in probs.users if u is not topk]
     if not all(is_op(u, *_LIKE_OPS) and u.args[0] is probs for u in like_users):
         return None  # the probabilities are read elsewhere: they must stay
@@ -106,7 +107,7 @@ def _match(topk: torch.fx.Node) -> dict | None:
         replaced += [*like_users, scatter]
         like_users, weights, ids = [], scatter, None
     cast = single_user(weights, *CASTS) if weights is not None else None
-    if cast is not None and cast.meta["val"].dtype.is_floating_point:
+    if cast is not None and _is_float_on(cast, val.device):
         replaced.append(cast)
         weights = cast
     return {"topk": topk, "raw": raw, "k": k, "renorm": renorm is not None, "weights": weights, "ids": ids,
@@ -129,8 +130,14 @@ def _dense_scatter(weights, ids, like_users) -> torch.fx.Node | None:
 
 
 def _metadata(node: torch.fx.Node) -> tuple:
-    val = node.meta["val"]
-    return tuple(val.shape), tuple(val.stride()), val.device
+    val = node.meta["val"]  # compared as text: `==` on symbolic sizes would add shape guards
+    return tuple(map(str, val.shape)), tuple(map(str, val.stride())), val.device
+
+
+def _is_float_on(node, device: torch.device) -> bool:
+    """A float tensor on `device` (a cast that also moves data is not a dtype cast)."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.device == device
 
 
 def _rewrite(graph: torch.fx.Graph, m: dict, order: dict) -> None:
