@@ -185,6 +185,8 @@ class KernelBuilder:
         """The kernel argument that carries `buffer` (materialized `node`): a pointer, or, for a
         0-dim CPU tensor read by a GPU kernel, its value as a number (Triton: fp32 / i32 / i64)."""
         val = node.meta["val"]
+        if isinstance(val, (torch.SymInt, int)):  # a size the aten fallback reads: a number for both
+            return self.scalars.setdefault(buffer, (f"in_scalar{len(self.scalars)}", torch.int64))[0]
         if self.device_type != "cpu" and val.device.type == "cpu":
             if val.dim() != 0:
                 raise LoweringError(f"{node.name} lives on the CPU")
