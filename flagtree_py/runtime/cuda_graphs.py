@@ -181,6 +181,10 @@ class CudaGraphRunner:
                 buffer.copy_(value)
                 copied.append(index)
                 static_args.append(buffer)
+        # Triton specializes kernels on pointer alignment, and static buffers may differ there from
+        # the warm-up's inputs: a compile inside a capture is an error, so one uncaptured run on the
+        # static arguments comes first (inputs written in place get a scratch copy: written once)
+        self.call([a.clone() if i in in_place and i in self.mutated_inputs else a for i, a in enumerate(static_args)])
         tensors = [a for a in static_args if isinstance(a, torch.Tensor)]
         graph, outputs = self.graphs.capture(lambda: list(self.call(list(static_args))), tensors)
         self.counts["capture"] += 1
