@@ -138,8 +138,8 @@ def build_step(case: Case, smoke: bool, dtype: torch.dtype, device: str, experts
             kv_heads = config.num_key_value_heads
             if case.decode:
                 shape = (case.batch, kv_heads, case.context, config.head_dim)
-                keys = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-                values = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+                keys = torch.randn(shape, generator=generator, device="cpu").to(device=device, dtype=dtype)
+                values = torch.randn(shape, generator=generator, device="cpu").to(device=device, dtype=dtype)
                 cache = FixedPositionCache(keys, values, torch.tensor([case.context - 1], device=device))
             step = HFLayerStep(Layer(config, 0), Rotary(config), cache)
     _init(step, generator)

@@ -72,8 +72,18 @@ class TorchGraphs:
         # stream, after the work queued so far has finished
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = fn()
+        inner: list[BaseException] = []
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                try:
+                    outputs = fn()
+                except BaseException as error:  # what broke the capture, before the capture's own
+                    inner.append(error)         # clean-up can raise a less telling error over it
+                    raise
+        except BaseException as error:
+            if inner and inner[0] is not error:
+                raise RuntimeError(f"{type(inner[0]).__name__}: {inner[0]} (then: {error})") from inner[0]
+            raise
         return graph, outputs
 
     def replay(self, graph) -> None:
