@@ -65,6 +65,7 @@ class KernelBuilder:
         self.group = group
         self.device_type = device_type
         self.scalars: dict[str, tuple[str, torch.dtype]] = {}  # host scalar buffer -> (argument, dtype)
+        self.size_scalars: set[str] = set()  # of those, sizes (SymInt inputs): plain ints in the fallback too
         self.views = views  # view nodes: folded into index expressions, never loaded
         self.buffers = buffers  # node -> wrapper buffer name, for everything materialized
         self.lowerings = lowerings
@@ -186,6 +187,7 @@ class KernelBuilder:
         0-dim CPU tensor read by a GPU kernel, its value as a number (Triton: fp32 / i32 / i64)."""
         val = node.meta["val"]
         if isinstance(val, (torch.SymInt, int)):  # a size the aten fallback reads: a number for both
+            self.size_scalars.add(buffer)
             return self.scalars.setdefault(buffer, (f"in_scalar{len(self.scalars)}", torch.int64))[0]
         if self.device_type != "cpu" and val.device.type == "cpu":
             if val.dim() != 0:

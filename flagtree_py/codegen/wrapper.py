@@ -468,7 +468,10 @@ class ModuleWriter:
         for buffer, pointer in builder.inputs.items():
             lines.append(f"    {buffer} = {pointer}")
         for buffer, (name, dtype) in builder.scalars.items():
-            lines.append(f"    {buffer} = torch.scalar_tensor({name}, dtype={dtype})")
+            if buffer in builder.size_scalars:
+                lines.append(f"    {buffer} = {name}")
+            else:
+                lines.append(f"    {buffer} = torch.scalar_tensor({name}, dtype={dtype})")
         for node in subgraph:
             lines.append("    " + self.call_line(node))
         for node in stored:

@@ -39,8 +39,9 @@ def test_qwen3_projections_merge_and_weights_are_held_once():
     bytes_before = _unique_storage_bytes(model)
     record = _check(model, torch.randint(0, 256, (1, 7)))
     assert record["passes"]["merge_qkv"] == L and record["passes"]["merge_gate_up"] == L
-    # 7 GEMMs per layer (q, k, v, o, gate, up, down) + lm_head -> 4 per layer + lm_head
-    assert record["extern_ops"].count("aten.mm.default") == 4 * L + 1
+    # 7 GEMMs per layer (q, k, v, o, gate, up, down) + lm_head -> 4 per layer + lm_head (GEMM
+    # template groups: a split-K pair of kernels each at 7 rows)
+    assert len({k["group_id"] for k in record["kernels"] if "_mm" in k["name"]}) == 4 * L + 1
     for layer in model.causal_lm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         assert are_colocated([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
@@ -145,7 +146,10 @@ def test_weights_that_are_inputs_not_parameters_are_left_alone():
 
     inputs = (torch.randn(5, 32), torch.randn(32, 32), torch.randn(32, 32), torch.randn(32, 32))
     out = torch.compile(attention, backend="flagtree", options={"target": "interpreter"})(*inputs)
-    assert torch.allclose(out, attention(*inputs), atol=1e-5)
+    ref = attention(*inputs)
+    # fp32 with reassociated sums (GEMM and flash-attention kernels): relative to the largest value,
+    # as everywhere else (eager itself is ~2e-5 absolute from an fp64 reference on these values)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     (record,) = flagtree_py.report()
     assert record["passes"]["merge_qkv"] == 0
 

@@ -50,9 +50,9 @@ def test_passes_keep_node_values_right(preset, rewrites, monkeypatch):
     checked = []
     partition = pipeline.partition_fusion_groups
 
-    def check_then_partition(graph, device_type):
+    def check_then_partition(graph, *args):
         checked.append(_recompute_all(graph))
-        return partition(graph, device_type)
+        return partition(graph, *args)
 
     monkeypatch.setattr(pipeline, "partition_fusion_groups", check_then_partition)
     model = build_tiny_model(preset, num_layers=2 if preset == "step3" else 1)
