@@ -451,6 +451,8 @@ def _verify(args: argparse.Namespace, cache) -> int:
     listed = list(cache.entries())
     problems = [{"key": entry.key, "problem": problem} for entry, _ in listed
                 if (problem := cache.verify(entry.key)) is not None]
+    binaries = _binaries(cache)  # content-keyed binaries: never loaded when damaged either
+    problems += [{"key": f"binaries/{row['key']}", "problem": row["problem"]} for row in binaries if row["problem"]]
     if args.json:
         _print_json({"cache_dir": str(cache.directory), "checked": len(listed), "problems": problems})
         return 1 if problems else 0
@@ -461,7 +463,8 @@ def _verify(args: argparse.Namespace, cache) -> int:
         print(f"checked {_count(len(listed), 'entry', 'entries')}: {len(problems)} damaged (never loaded: the next compile of its graph "
               f"rebuilds it; `flagtree cache rm KEY` removes it now)")
         return 1
-    print(f"checked {_count(len(listed), 'entry', 'entries')}: all intact")
+    also = f" and {_count(len(binaries), 'binary', 'binaries')}" if binaries else ""
+    print(f"checked {_count(len(listed), 'entry', 'entries')}{also}: all intact")
     return 0
 
 
