@@ -5,7 +5,7 @@ module flagtree writes depend on them), so an entry built on one machine never h
 different torch. A kernel binary depends on much less: the kernel's source, how it is launched, the GPU
 architecture and the Triton that built it. That is this store's key:
 
-    sha256(kernel source (decorator and def), argument types (pointer dtypes, i32/i64, fp32),
+    sha256(kernel code (decorator and def, comments left out), argument types (pointer dtypes, i32/i64, fp32),
            constexpr meta and num_warps/num_stages, arch ("sm90"), Triton version)
 
 so a kernel whose source comes out the same under another torch finds its cubin here. Triton's version
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import shutil
 import tempfile
 import textwrap
 import time
+import tokenize
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,9 +42,18 @@ _I32 = (-(2**31), 2**31)
 
 
 def kernel_source(fn) -> str:
-    """The kernel's text as the key sees it: decorator and def, dedented (the raw function or a JITFunction)."""
+    """The kernel's code as the key sees it (the raw function or a JITFunction): decorator and def, with
+    comments and blank lines left out. Generated kernels carry comments naming graph nodes (`# computes:
+    add_3, mul_7`), which another torch may number differently with the same code; a comment changes no
+    instruction of the binary (at most the line numbers of its debug info)."""
     fn = getattr(fn, "fn", fn)
-    return textwrap.dedent(inspect.getsource(fn))
+    text = textwrap.dedent(inspect.getsource(fn))
+    # token strings, with the layout tokens as markers: the same on Python 3.11 and 3.12 (whose tokenizers
+    # differ in positions and in f-strings, which Triton kernels do not use)
+    markers = {tokenize.NEWLINE: "<newline>", tokenize.INDENT: "<indent>", tokenize.DEDENT: "<dedent>"}
+    skipped = (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING, tokenize.ENDMARKER)
+    return " ".join(markers.get(kind, value) for kind, value, *_ in
+                    tokenize.generate_tokens(io.StringIO(text).readline) if kind not in skipped)
 
 
 def binary_key(source: str, signature: dict, arch: str, triton_version: str) -> str:

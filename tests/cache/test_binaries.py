@@ -45,6 +45,31 @@ def test_content_key_is_stable_and_holds_what_the_binary_depends_on():
     assert len(set(different) | {_key()}) == len(different) + 1
 
 
+def _commented(in_ptr0, xnumel, XBLOCK: int):
+    # computes: add_3, mul_7 (node names another torch may number differently)
+    x = in_ptr0 + xnumel  # a trailing comment
+
+    return x
+
+
+def _plain(in_ptr0, xnumel, XBLOCK: int):
+    x = in_ptr0 + xnumel
+    return x
+
+
+def _other(in_ptr0, xnumel, XBLOCK: int):
+    x = in_ptr0 - xnumel
+    return x
+
+
+def test_kernel_source_leaves_comments_out_of_the_key_but_not_code():
+    def keyed(fn):
+        return binary_key(kernel_source(fn).replace(fn.__name__, "k"), _SIGNATURE, "sm90", "3.6.0")
+
+    assert "computes" not in kernel_source(_commented) and "<indent>" in kernel_source(_plain)
+    assert keyed(_commented) == keyed(_plain) != keyed(_other)
+
+
 def test_put_get_verify_and_tamper(tmp_path):
     store = BinaryStore(tmp_path)
     key = _key()
