@@ -73,6 +73,10 @@ with torch.no_grad():
         times.append(time.perf_counter() - t)
 record = flagtree_py.report()[-1]
 lookups = list(record.get("binaries_by_content", {}).values())
+import inspect, textwrap
+module = sys.modules[Path(record["module_path"]).stem]
+missed_sources = {l["kernel"]: textwrap.dedent(inspect.getsource(getattr(module, l["kernel"]).kernel.fn))
+                  for l in lookups if not l["found"]}
 triton_dir = Path(os.environ["TRITON_CACHE_DIR"])
 files = sorted(str(p.relative_to(triton_dir)) for p in triton_dir.rglob("*") if p.is_file())
 out, ref = out.float(), ref.float()
@@ -83,7 +87,7 @@ print(json.dumps({
     "compiled_functions": calls[:40], "binaries_loaded_from_entry": len(record.get("binaries_loaded", [])),
     "found_by_content": sorted({l["kernel"] for l in lookups if l["found"]}),
     "not_found_by_content": sorted({l["kernel"] for l in lookups if not l["found"]}),
-    "content_lookups": lookups,
+    "content_lookups": lookups, "missed_sources": missed_sources,
     "binary_launches": counters["binary_launches"], "content_binary_launches": counters["content_binary_launches"],
     "kernel_launches": counters["kernel_launches"], "kernel_failures": record["kernel_failures"],
     "rel_err_vs_eager": ((out - ref).abs().max() / ref.abs().max()).item(),
@@ -120,6 +124,30 @@ def _content_binaries(cache_dir: Path) -> list[dict]:
         rows.append({"key": meta["key"], "kernel": meta["kernel"], "arch": meta["arch"], "triton": meta["triton"],
                      "pointers": pointers})
     return rows
+
+
+def _why_missed(cache_dir: Path, run: dict) -> dict[str, list[str]]:
+    """Per kernel not found by content: the diff of its source here against the closest carried binary of
+    the same kernel name (a source that differs under this torch), or what else differs (signature, Triton)."""
+    import difflib
+
+    carried: dict[str, list[dict]] = {}
+    for meta_path in cache_dir.glob("binaries/*/binary.json"):
+        meta = json.loads(meta_path.read_text())
+        carried.setdefault(meta["kernel"], []).append(meta)
+    explained = {}
+    for kernel, source in run.pop("missed_sources", {}).items():
+        candidates = carried.get(kernel, [])
+        if not candidates:
+            explained[kernel] = ["no carried binary of this kernel name"]
+            continue
+        diffs = [list(difflib.unified_diff((c.get("source") or "").splitlines(), source.splitlines(),
+                                           "carried", "here", lineterm="")) for c in candidates]
+        best = min(diffs, key=len)
+        explained[kernel] = best[:40] or [
+            "same source: the launch signature differs (dtypes, integer widths, meta) or another Triton built it: "
+            + "; ".join(f"{c['triton']} {c['signature']}" for c in candidates)[:1500]]
+    return explained
 
 
 def _run_child(cache_dir: Path, triton_dir: Path, length: int, dtype: str = "float32") -> dict:
@@ -186,6 +214,7 @@ def main() -> None:
         for dtype in dtypes:
             run = _run_child(carried, work / f"triton-carried-{dtype}", LENGTH, dtype)
             run["graph_key_in_carried_cache"] = run.get("cache_key") in {e["key"] for e in result["carried"]["entries"]}
+            run["why_not_found"] = _why_missed(carried, run)
             runs[f"carried_{dtype}"] = run
             checks[f"carried_{dtype}_binaries_for_this_triton"] = triton.__version__ in result["carried"]["binary_tritons"]
             checks[f"carried_{dtype}_every_kernel_found_by_content"] = (
@@ -206,8 +235,10 @@ def main() -> None:
     if done.returncode == 0:
         result["build_without_gpu"]["result"] = json.loads(done.stdout)
         runs["built_without_gpu"] = _run_child(built, work / "triton-aot", LENGTH)
+        runs["built_without_gpu"].pop("missed_sources", None)
     # 3. contrast: no entry, Triton's JIT compiles every kernel
     runs["jit_contrast"] = _run_child(work / "empty", work / "triton-jit", LENGTH)
+    runs["jit_contrast"]["missed_sources"] = sorted(runs["jit_contrast"].get("missed_sources", {}))  # names only
     result["runs"] = runs
 
     aot = runs.get("built_without_gpu", {})

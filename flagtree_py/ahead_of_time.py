@@ -18,7 +18,9 @@ machine with the same versions.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,7 +131,8 @@ def _store_builds(cache: KernelCache, record: dict, target, note) -> dict:
             compiled = compile_for_nvidia(kernel.kernel.fn, kernel.signature, capability)
             summary["triton_compiles"] += 1
             files = binary_files(compiled)
-            store.put(content, kernel.name, arch, triton.__version__, kernel.signature, files)
+            store.put(content, kernel.name, arch, triton.__version__, kernel.signature, files,
+                      source=textwrap.dedent(inspect.getsource(kernel.kernel.fn)))
             note(f"  {arch} {index}/{len(kernels)} {kernel.name}: cubin {len(files['cubin'])} bytes")
         if kernel.name not in present:
             cache.add_binaries(key, kernel.name, arch, kernel.signature, files)

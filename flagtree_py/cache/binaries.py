@@ -90,8 +90,9 @@ class BinaryStore:
         return self.directory / key
 
     def put(self, key: str, kernel: str, arch: str, triton_version: str, signature: dict,
-            files: dict[str, bytes]) -> Path:
-        """Store one build ({"cubin"|"ptx"|"json": bytes}); an intact binary already there is kept."""
+            files: dict[str, bytes], source: str | None = None) -> Path:
+        """Store one build ({"cubin"|"ptx"|"json": bytes}); an intact binary already there is kept.
+        `source`, the kernel's text, is kept for `cache show` and for explaining a lookup that missed."""
         final = self.path(key)
         if final.exists() and self.verify(key) is None:
             return final
@@ -102,7 +103,7 @@ class BinaryStore:
             (scratch / name).write_bytes(files[kind])
         meta = {"key": key, "kernel": kernel, "arch": arch, "triton": triton_version, "signature": signature,
                 "files": {name: hashlib.sha256(files[kind]).hexdigest() for kind, name in names.items()},
-                "kinds": names, "created": time.time()}
+                "kinds": names, "created": time.time(), "source": source}
         (scratch / BINARY_META).write_text(json.dumps(meta, indent=1))
         return self._place(scratch, final, key)
 
