@@ -18,7 +18,9 @@ machine with the same versions.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,18 +106,36 @@ def _store_builds(cache: KernelCache, record: dict, target, note) -> dict:
     if capability is None:
         summary["note"] = f"no ahead-of-time compiler for {target.vendor} here: Triton source and launch metadata"
         return summary
+    import triton
+
+    from flagtree_py.cache.binaries import BinaryStore, binary_key, kernel_source
     from flagtree_py.runtime.aot import binary_files, compile_for_nvidia
 
     arch = f"sm{capability}"
     have = cache.peek(key)
     present = have.binaries(arch) if have is not None else {}
+    store = BinaryStore(cache.directory)
+    summary["binaries_by_content"] = {}
     for index, kernel in enumerate(sorted(kernels, key=lambda k: k.name), 1):
-        if kernel.signature is None or kernel.name in present:
+        if kernel.signature is None:
             continue
-        compiled = compile_for_nvidia(kernel.kernel.fn, kernel.signature, capability)
-        summary["triton_compiles"] += 1
-        cache.add_binaries(key, kernel.name, arch, kernel.signature, binary_files(compiled))
-        note(f"  {arch} {index}/{len(kernels)} {kernel.name}: cubin {len(compiled.asm['cubin'])} bytes")
+        # the content-keyed copy is what a GPU with another torch finds (cache/binaries.py)
+        content = binary_key(kernel_source(kernel.kernel.fn), kernel.signature, arch, triton.__version__)
+        summary["binaries_by_content"][kernel.name] = content
+        stored = store.get(content)
+        if stored is not None and kernel.name in present:
+            continue
+        if stored is not None:
+            files = {kind: path.read_bytes() for kind, path in stored[1].items()}
+        else:
+            compiled = compile_for_nvidia(kernel.kernel.fn, kernel.signature, capability)
+            summary["triton_compiles"] += 1
+            files = binary_files(compiled)
+            store.put(content, kernel.name, arch, triton.__version__, kernel.signature, files,
+                      source=textwrap.dedent(inspect.getsource(kernel.kernel.fn)))
+            note(f"  {arch} {index}/{len(kernels)} {kernel.name}: cubin {len(files['cubin'])} bytes")
+        if kernel.name not in present:
+            cache.add_binaries(key, kernel.name, arch, kernel.signature, files)
     entry = cache.peek(key)
     summary["binaries"] = {arch: sorted(entry.binaries(arch)) if entry else []}
     return summary

@@ -146,7 +146,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     module, path = load_module(generated.source, directory, graph_name)
     bind_kernels(module, [k.name for k in generated.kernels], interpret=device_type != "cuda",
                  constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure,
-                 poison=options.poison_outputs, on_compile=on_compile, on_check=on_check)
+                 poison=options.poison_outputs, on_compile=on_compile, on_check=on_check,
+                 content_binaries=_content_binaries(cache, device_type, record))
     partition_text = _partition_text(partition)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, str(graph), partition_text)
@@ -244,7 +245,8 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     binaries = entry.binaries(arch) if arch else {}
     bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
                  externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs,
-                 binaries=binaries, on_compile=on_compile, on_check=on_check)
+                 binaries=binaries, on_compile=on_compile, on_check=on_check,
+                 content_binaries=_content_binaries(cache, device_type, record))
     record["binaries_loaded"] = sorted(binaries)
     _attach_tuner(module, meta["kernels"], options, cache, entry.key, cache.load_json(entry, WINNERS_FILE))
     if options.dump_dir:
@@ -292,6 +294,19 @@ def _versions() -> dict:
 
     return {"flagtree": flagtree_py.__version__, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version()}
+
+
+def _content_binaries(cache, device_type: str, record: dict):
+    """On a GPU with the cache on: kernel binaries found by content (cache/binaries.py), whichever graph
+    entry they were built for; `record["binaries_by_content"]` fills, per kernel, as kernels launch."""
+    arch = _device_arch() if device_type == "cuda" and cache is not None else None
+    if arch is None:
+        return None
+    from flagtree_py.runtime.aot import ContentBinaries
+
+    found = ContentBinaries(cache.directory, arch)
+    record["binaries_by_content"] = found.lookups
+    return found
 
 
 def _device_arch() -> str | None:

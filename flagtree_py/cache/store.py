@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flagtree_py.cache.binaries import BINARIES_DIR, BinaryStore
+
 MODULE_FILE = "module.py"
 META_FILE = "meta.json"
 
@@ -305,10 +307,11 @@ class KernelCache:
             total -= size
         return removed
 
-    def export_bundle(self, file: Path | str, keys: Iterable[str]) -> dict[str, str | None]:
-        """Write the entries to a .tar.gz bundle (`<key>/meta.json`, `<key>/module.py`); returns each
-        key's problem, None for those exported. An entry that fails its check is left out. The bundle
-        is written to a temporary file and renamed into place."""
+    def export_bundle(self, file: Path | str, keys: Iterable[str], binaries: Iterable[str] = ()) -> dict[str, str | None]:
+        """Write the entries to a .tar.gz bundle (`<key>/meta.json`, `<key>/module.py`), and the content-keyed
+        `binaries` (`binaries/<key>/<file>`); returns each key's problem, None for those exported (binaries
+        as `binaries/<key>`). An entry that fails its check is left out. The bundle is written to a temporary
+        file and renamed into place."""
         file = Path(file)
         problems: dict[str, str | None] = {}
         scratch = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}")
@@ -326,6 +329,18 @@ class KernelCache:
                         info.size, info.mode, info.mtime = len(data), 0o644, mtime
                         bundle.addfile(info, io.BytesIO(data))
                     problems[key] = None
+                store = BinaryStore(self.directory)
+                for key in binaries:
+                    try:
+                        files = store.files(key)
+                    except ValueError as problem:
+                        problems[f"{BINARIES_DIR}/{key}"] = str(problem)
+                        continue
+                    for name, data in files.items():
+                        info = tarfile.TarInfo(f"{BINARIES_DIR}/{key}/{name}")
+                        info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+                        bundle.addfile(info, io.BytesIO(data))
+                    problems[f"{BINARIES_DIR}/{key}"] = None
             os.replace(scratch, file)
         finally:
             scratch.unlink(missing_ok=True)
@@ -344,7 +359,12 @@ class KernelCache:
         contents = self._read_bundle(Path(file))
         self._check_directory()
         outcomes = []
+        binaries = BinaryStore(self.directory)
         for key, files in contents.items():
+            if key.startswith(f"{BINARIES_DIR}/"):
+                outcome, why = binaries.add_files(key.removeprefix(f"{BINARIES_DIR}/"), files)
+                outcomes.append((key, outcome, why))
+                continue
             try:
                 meta = _checked_bundle_entry(key, files)
             except ValueError as problem:
@@ -397,9 +417,13 @@ class KernelCache:
                     parts = member.name.split("/")
                     if member.name.startswith("/") or "\\" in member.name or ".." in parts:
                         raise CacheRefused(f"unsafe path {member.name!r} in the bundle")
+                    if parts[0] == BINARIES_DIR:  # binaries/<key>/<file>: cache/binaries.py
+                        if len(parts) == 1 and member.isdir():
+                            continue
+                        parts = [f"{BINARIES_DIR}/{parts[1]}", *parts[2:]] if _KEY.fullmatch(parts[1]) else parts
                     if not (member.isfile() or member.isdir()):
                         raise CacheRefused(f"{member.name!r} in the bundle is a link or special file")
-                    if not _KEY.fullmatch(parts[0]) or len(parts) > 2 or (len(parts) == 2) == member.isdir():
+                    if not _KEY.fullmatch(parts[0].removeprefix(f"{BINARIES_DIR}/")) or len(parts) > 2 or (len(parts) == 2) == member.isdir():
                         raise CacheRefused(f"unexpected member {member.name!r} (a bundle holds <key>/<file>)")
                     if member.isfile() and not _FILE_NAME.fullmatch(parts[1]):
                         raise CacheRefused(f"unexpected file name {member.name!r} in the bundle")

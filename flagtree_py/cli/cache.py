@@ -186,15 +186,35 @@ def _print_code(source: str) -> None:
 # -- the actions -----------------------------------------------------------------------------------
 
 
+def _binaries(cache) -> list[dict]:
+    """The cache's content-keyed kernel binaries (cache/binaries.py), one row each."""
+    from flagtree_py.cache.binaries import BinaryStore
+
+    return [{"key": meta.get("key"), "kernel": meta.get("kernel"), "arch": meta.get("arch"),
+             "triton": meta.get("triton"), "meta": (meta.get("signature") or {}).get("meta"), "size": size,
+             "problem": problem} for meta, size, problem in BinaryStore(cache.directory).entries()]
+
+
+def _print_binaries(binaries: list[dict]) -> None:
+    if not binaries:
+        return
+    print("\nbinaries by content (found by kernel source + launch signature + arch + Triton, for any graph entry)")
+    print(format_table(["key", "kernel", "arch", "triton", "size", "check"], [
+        [row["key"][:SHORT_KEY], row["kernel"], row["arch"], row["triton"], format_size(row["size"]),
+         "ok" if row["problem"] is None else "DAMAGED"] for row in binaries]))
+
+
 def _ls(args: argparse.Namespace, cache) -> int:
     now = time.time()
     rows = [_summary(cache, entry, size, now) for entry, size in list(cache.entries())]
     rows.sort(key=lambda row: row["last_used"] if isinstance(row["last_used"], (int, float)) else 0, reverse=True)
+    binaries = _binaries(cache)
     if args.json:
-        _print_json({"cache_dir": str(cache.directory), "entries": rows})
+        _print_json({"cache_dir": str(cache.directory), "entries": rows, "binaries": binaries})
         return 0
     if not rows:
         print(f"no entries in {cache.directory}")
+        _print_binaries(binaries)
         return 0
     headers = ["key", "graph", "target", "kernels", "size", "age", "used", "hits", "check"]
     table = format_table(headers, [
@@ -210,11 +230,23 @@ def _ls(args: argparse.Namespace, cache) -> int:
     damaged = sum(row["problem"] is not None for row in rows)
     print(f"\n{_count(len(rows), 'entry', 'entries')}, {format_size(sum(row['size'] for row in rows))} in {cache.directory}"
           + (f"; {damaged} damaged (see `flagtree cache verify`)" if damaged else ""))
+    _print_binaries(binaries)
     return 0
 
 
 def _show(args: argparse.Namespace, cache) -> int:
     listed = list(cache.entries())
+    binary = [row for row in _binaries(cache) if row["key"].startswith(args.key.lower())]
+    if len(args.key) >= MIN_PREFIX and len(binary) == 1 and not any(e.key.startswith(args.key.lower()) for e, _ in listed):
+        from flagtree_py.cache.binaries import BinaryStore
+
+        meta = BinaryStore(cache.directory).meta(binary[0]["key"]) or {}
+        document = {**meta, "size": binary[0]["size"], "problem": binary[0]["problem"]}
+        if args.json:
+            _print_json(document)
+        else:
+            print("\n".join(f"{name}: {value}" for name, value in document.items()))
+        return 0
     (key,) = resolve_keys(listed, [args.key], cache.directory)
     entry, size = next((entry, size) for entry, size in listed if entry.key == key)
     problem = cache.verify(key)
@@ -384,6 +416,11 @@ def _stats(args: argparse.Namespace, cache) -> int:
         "newest": point(dated[-1] if dated else None),
         "targets": dict(sorted(Counter(row["target"] or "?" for row in rows).items())),
     }
+    binaries = _binaries(cache)
+    stats["binaries"] = len(binaries)
+    stats["binary_bytes"] = sum(row["size"] for row in binaries)
+    stats["binaries_per_arch_triton"] = dict(sorted(Counter(f"{row['arch']} triton {row['triton']}"
+                                                            for row in binaries).items()))
     if args.json:
         _print_json(stats)
         return 0
@@ -402,6 +439,8 @@ def _stats(args: argparse.Namespace, cache) -> int:
         ("oldest", describe(stats["oldest"])),
         ("newest", describe(stats["newest"])),
         ("targets", ", ".join(f"{target} {count}" for target, count in stats["targets"].items()) or "-"),
+        ("binaries", f"{stats['binaries']} ({format_size(stats['binary_bytes'])})" + "".join(
+            f", {what} {count}" for what, count in stats["binaries_per_arch_triton"].items())),
     ]
     width = max(len(label) for label, _ in lines)
     print("\n".join(f"{label.ljust(width)}  {value}" for label, value in lines))
@@ -412,6 +451,8 @@ def _verify(args: argparse.Namespace, cache) -> int:
     listed = list(cache.entries())
     problems = [{"key": entry.key, "problem": problem} for entry, _ in listed
                 if (problem := cache.verify(entry.key)) is not None]
+    binaries = _binaries(cache)  # content-keyed binaries: never loaded when damaged either
+    problems += [{"key": f"binaries/{row['key']}", "problem": row["problem"]} for row in binaries if row["problem"]]
     if args.json:
         _print_json({"cache_dir": str(cache.directory), "checked": len(listed), "problems": problems})
         return 1 if problems else 0
@@ -422,7 +463,8 @@ def _verify(args: argparse.Namespace, cache) -> int:
         print(f"checked {_count(len(listed), 'entry', 'entries')}: {len(problems)} damaged (never loaded: the next compile of its graph "
               f"rebuilds it; `flagtree cache rm KEY` removes it now)")
         return 1
-    print(f"checked {_count(len(listed), 'entry', 'entries')}: all intact")
+    also = f" and {_count(len(binaries), 'binary', 'binaries')}" if binaries else ""
+    print(f"checked {_count(len(listed), 'entry', 'entries')}{also}: all intact")
     return 0
 
 
@@ -461,12 +503,16 @@ def _export(args: argparse.Namespace, cache) -> int:
     keys = resolve_keys(listed, args.keys, cache.directory) if args.keys else [entry.key for entry, _ in listed]
     if not args.file.parent.is_dir():
         raise BadInput(f"cannot write {args.file}: {args.file.parent} is not a directory")
-    problems = cache.export_bundle(args.file, dict.fromkeys(keys))
+    # the content-keyed binaries go along whole: which graph will find one is only known where it runs
+    problems = cache.export_bundle(args.file, dict.fromkeys(keys), [row["key"] for row in _binaries(cache)])
     skipped = {key: problem for key, problem in problems.items() if problem is not None}
     for key, problem in skipped.items():
         print(f"{args.prog}: skipped {key}: {problem}", file=sys.stderr)
     exported = len(problems) - len(skipped)
-    print(f"exported {_count(exported, 'entry', 'entries')} to {args.file} ({format_size(args.file.stat().st_size)})")
+    binaries = sum(1 for key, problem in problems.items() if key.startswith("binaries/") and problem is None)
+    exported -= binaries
+    also = f" and {_count(binaries, 'binary', 'binaries')}" if binaries else ""
+    print(f"exported {_count(exported, 'entry', 'entries')}{also} to {args.file} ({format_size(args.file.stat().st_size)})")
     return 1 if skipped else 0
 
 

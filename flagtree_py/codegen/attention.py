@@ -15,6 +15,7 @@ kernel's shared memory fits the target; warps are counted in the target's own wa
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
 
 import sympy
@@ -22,6 +23,7 @@ import torch
 import torch.fx
 
 from flagtree_py.codegen import indexing
+from flagtree_py.codegen.check_kernel import check_language, check_resources
 
 #: most query rows (q heads per K/V head x query positions) that take the decode path
 DECODE_MAX_ROWS = 64
@@ -91,7 +93,9 @@ class AttentionWriter:
                 "from flagtree_py.runtime.attention import (combine_fallback, decode_fallback, flash_attention,",
                 "                                           flash_decoding, prefill_fallback)"]
 
-    def lines(self, node: torch.fx.Node) -> list[str]:
+    def lines(self, node: torch.fx.Node) -> list[str] | None:
+        """The wrapper lines that launch `node`'s kernels; None when a kernel fails check_kernel on the
+        target (the node then runs as its extern aten op)."""
         q, k, v, mask, scale, causal = node.args
         qv, kv = q.meta["val"], k.meta["val"]
         mask_kind = "none" if mask is None else ("bool" if mask.meta["val"].dtype == torch.bool else "additive")
@@ -103,7 +107,20 @@ class AttentionWriter:
             paths = ["prefill", "decode"]  # symbolic query length: chosen per call
         tiles = _TILES.get(self.writer.target.vendor, AttentionTiles())
         element = qv.element_size()
+        fitted = {}
+        if "prefill" in paths:
+            fitted["prefill"] = self._fit(tiles.prefill_block_m, tiles.prefill_block_n, tiles.num_stages,
+                                          head_dim, element) + (tiles.prefill_threads,)
+        if "decode" in paths:
+            block_m = max(16, _pow2(int(rows)) if rows.is_Integer else DECODE_MAX_ROWS)
+            fitted["decode"] = self._fit(block_m, tiles.decode_block_n, tiles.num_stages, head_dim, element,
+                                         shrink_m=False) + (tiles.decode_threads,)
+        warps = {path: self._checked_warps(node, path, tile, head_dim, element) for path, tile in fitted.items()}
+        if None in warps.values():
+            return None
         kernels = {p: self._kernel(p, mask_kind, bool(causal), qv.dtype, head_dim, node) for p in paths}
+        if None in kernels.values():
+            return None
         out = node.name
         w = self.writer
         title = (f"# {node.name}: flagtree attention ({', '.join(paths)}; group {group}, mask {mask_kind}, "
@@ -112,16 +129,12 @@ class AttentionWriter:
         args = f"{w.arg(q)}, {w.arg(k)}, {w.arg(v)}, {w.arg(mask)}, {out}, scale={scale!r}"
         launches = {}
         if "prefill" in kernels:
-            block_m, block_n, stages = self._fit(tiles.prefill_block_m, tiles.prefill_block_n, tiles.num_stages,
-                                                 head_dim, element)
-            warps = w.target.num_warps(tiles.prefill_threads)
+            block_m, block_n, stages, _ = fitted["prefill"]
             launches["prefill"] = (f"flash_attention({kernels['prefill'].name}, {args}, block_m={block_m}, "
-                                   f"block_n={block_n}, num_warps={warps}, num_stages={stages})")
+                                   f"block_n={block_n}, num_warps={warps['prefill']}, num_stages={stages})")
         if "decode" in kernels:
-            block_m = max(16, _pow2(int(rows)) if rows.is_Integer else DECODE_MAX_ROWS)
-            block_m, block_n, stages = self._fit(block_m, tiles.decode_block_n, tiles.num_stages, head_dim, element,
-                                                 shrink_m=False)
-            warps = w.target.num_warps(tiles.decode_threads)
+            block_m, block_n, stages, _ = fitted["decode"]
+            warps = warps["decode"]
             name = kernels["decode"].name
             launches["decode"] = (f"flash_decoding({name}, {name}_combine, {args}, block_m={block_m}, "
                                   f"block_n={block_n}, num_warps={warps}, num_stages={stages}, "
@@ -150,8 +163,14 @@ class AttentionWriter:
         name = f"k_attention{len(self.kernels)}_{path}"
         precision = ', input_precision="ieee"' if dtype == torch.float32 else ""
         kernel = AttentionKernel(name, path, mask_kind, causal, precision, comment=[f"computes: {node.name}"])
-        self.kernels[key] = kernel
         source = render_template(f"attention_{path}.py.jinja", self.writer.target, a=kernel)
+        # the language level (APIs, features) does not depend on the tile: checked once per source
+        problems = [str(p) for p in check_language(ast.parse(source), self.writer.target)]
+        if problems:
+            self.writer.out.kernel_checks.append({"kernel": name, "problems": problems, "action": "aten fallback"})
+            self.writer.out.codegen_fallbacks.append({"group": node.name, "reason": f"check_kernel: {'; '.join(problems)}"})
+            return None
+        self.kernels[key] = kernel
         fallback_args = f"mask_kind={mask_kind!r}, causal={causal}"
         section = [source, f"{name}_fallback = functools.partial({path}_fallback, {fallback_args})"]
         names = [name]
@@ -166,6 +185,31 @@ class AttentionWriter:
                 stored=[node.name]))
         return kernel
 
+    def _checked_warps(self, node: torch.fx.Node, path: str, tile: tuple, head_dim: int, element: int) -> int | None:
+        """The kernel's num_warps once its fitted tile passes the target's resource checks, halving the
+        threads if they do not fit (the decode path's combine kernel launches with the same warps); None
+        (the node stays aten) if nothing fits."""
+        block_m, block_n, stages, threads = tile
+        target = self.writer.target
+        config = {"num_warps": target.num_warps(threads), "num_stages": stages,
+                  "shared_bytes": _shared_bytes(block_m, block_n, stages, head_dim, element)}
+        first: list[str] = []
+        while True:
+            problems = [str(p) for p in check_resources(config, target)]
+            if not problems:
+                break
+            first = first or problems
+            if config["num_warps"] == 1:
+                self.writer.out.kernel_checks.append({"kernel": f"{node.name} ({path})", "problems": first,
+                                                      "action": "aten fallback"})
+                self.writer.out.codegen_fallbacks.append({"group": node.name, "reason": f"check_kernel: {first[0]}"})
+                return None
+            config["num_warps"] //= 2
+        if first:
+            self.writer.out.kernel_checks.append({"kernel": f"{node.name} ({path})", "problems": first,
+                                                  "action": f"re-lowered with num_warps={config['num_warps']}"})
+        return config["num_warps"]
+
     def _fit(self, block_m: int, block_n: int, stages: int, head_dim: int, element: int,
              shrink_m: bool = True) -> tuple[int, int, int]:
         """Shrink the tiles until Q (resident) and `stages` K/V tiles fit the target's shared memory."""
@@ -175,7 +219,7 @@ class AttentionWriter:
             block_m = min(block_m, 64)  # a [BLOCK_M, 256] fp32 accumulator of 128 rows spills registers
 
         def need(m, n, s):
-            return (m * d + max(1, s) * 2 * n * d) * element + m * n * 4
+            return _shared_bytes(m, n, s, head_dim, element)
 
         while need(block_m, block_n, stages) > budget:
             if stages > 1:
@@ -187,6 +231,12 @@ class AttentionWriter:
             else:
                 break
         return block_m, block_n, stages
+
+
+def _shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int, element: int) -> int:
+    """Shared memory of an attention tile: Q resident, `stages` K and V tiles, one score tile (fp32)."""
+    d = _pow2(head_dim)
+    return (block_m * d + max(1, stages) * 2 * block_n * d) * element + block_m * block_n * 4
 
 
 def _at_most(expr: sympy.Expr, bound: int) -> bool:

@@ -8,15 +8,19 @@
 - **resources**: threads per block (num_warps x the target's warp size) and an estimate of shared
   memory (tiles x element bytes x pipeline stages) within the target's limits.
 
-Every template's kernels go through this one function (the wrapper calls it for pointwise and
-reduction kernels; GEMM and attention templates call it with their BLOCK_M/N/K configs), so a
-template added later is checked the same way.
+Every template's kernels go through this one function, so a template added later is checked the
+same way: the wrapper calls it for pointwise and reduction kernels, codegen/gemm.py for every
+candidate tile of the tiled, split-K partial and reduce kernels, codegen/attention.py for the prefill,
+decode and combine kernels with their fitted tiles, codegen/moe_routing.py for the routing kernel.
+`SOURCE_PROBLEMS` are those of the source itself, which no other config mends (aten then).
 """
 
 from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
+
+from flagtree_py.codegen.indexing import LoweringError
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,10 @@ RANGE_KEYWORDS: dict[str, TritonApi] = {
 CALL_KEYWORDS: dict[tuple[str, str], TritonApi] = {
     ("device_assert", "mask"): TritonApi((3, 5), None, "Triton 3.5 release notes: mask parameter of tl.device_assert"),
 }
+
+
+#: check_kernel problems no other config can mend: the kernel is left to its aten twin
+SOURCE_PROBLEMS = ("language", "feature", "syntax")
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,8 @@ def estimate_shared_memory(config: dict) -> int:
     of at most the whole tile, and loads a software pipeline prefetches are staged per stage.
     Pointwise kernels keep everything in registers.
     """
+    if "shared_bytes" in config:  # a template that sizes its own buffers (attention) says how much
+        return int(config["shared_bytes"])
     stages = max(1, int(config.get("num_stages", 1)))
     element = int(config.get("element_bytes", 4))
     if "BLOCK_K" in config:
@@ -147,6 +157,34 @@ def check_resources(config: dict, target) -> list[KernelProblem]:
         problems.append(KernelProblem(
             "shared_memory", f"about {shared} bytes > {target.shared_memory_per_block} per block on {target.name}"))
     return problems
+
+
+class KernelCheckFailed(LoweringError):
+    """No config of the target passes check_kernel: the template's kernel is left to its aten twin."""
+
+    def __init__(self, kernel: str, problems: list[str]) -> None:
+        super().__init__(f"check_kernel: {'; '.join(problems)}")
+        self.kernel = kernel
+        self.problems = problems
+
+
+def passing_configs(source: str, candidates: list[dict], target, extra: dict | None = None
+                    ) -> tuple[list[dict], list[str], bool]:
+    """The candidates (launch metas, best first) under which `source` passes check_kernel on `target`;
+    the problems of the first candidate that failed ([] if none did); and whether the source itself is
+    at fault (no config can pass). `extra` adds what the check needs but the launch does not take
+    (kind, element_bytes)."""
+    passing: list[dict] = []
+    first: list[str] = []
+    for meta in candidates:
+        problems = check_kernel(source, {**meta, **(extra or {})}, target)
+        if not problems:
+            passing.append(meta)
+            continue
+        first = first or [str(p) for p in problems]
+        if any(p.kind in SOURCE_PROBLEMS for p in problems):
+            return [], first, True
+    return passing, first, False
 
 
 def _loop_stages(tree: ast.AST) -> list[int]:

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 
 from flagtree_py.codegen import indexing
+from flagtree_py.codegen.check_kernel import KernelCheckFailed, passing_configs
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import _PLACEHOLDER, KernelBuilder
 from flagtree_py.codegen.types import Value, compute_dtype, triton_dtype
@@ -266,6 +267,32 @@ def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list
     return configs
 
 
+def checked_configs(target, source: str, spec: GemmSpec, configs: dict[str, list[dict]], dtype: torch.dtype,
+                    reduce_warps: int) -> tuple[dict[str, list[dict]], list[str]]:
+    """Each bucket's candidates that pass check_kernel on `target` (the tiled kernel's buckets, the
+    split-K partial's, and the reduce kernel's one tile), and the problems of the first that failed.
+
+    A bucket left with no candidate, or a problem of the source itself, raises KernelCheckFailed.
+    """
+    extra = {"kind": "gemm", "element_bytes": torch.empty((), dtype=dtype).element_size()}
+    kept, problems = {}, []
+    for bucket, metas in configs.items():
+        if (bucket == "m16" and not spec.split) or (bucket != "m16" and not spec.tiled):
+            kept[bucket] = metas  # a bucket this graph's M never takes: not rendered, not launched
+            continue
+        passing, first, source_fault = passing_configs(source, metas, target, extra)
+        problems = problems or first
+        if source_fault or not passing:
+            raise KernelCheckFailed(spec.name, first)
+        kept[bucket] = passing
+    if spec.split:
+        reduce = REDUCE_TILE | {"num_warps": reduce_warps}
+        passing, first, _ = passing_configs(source, [reduce], target, {"kind": "pointwise"})
+        if not passing:
+            raise KernelCheckFailed(f"{spec.name}_reduce", first)
+    return kept, problems
+
+
 def _meta(target, tile: GemmConfig) -> dict:
     meta = {"BLOCK_M": tile.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K,
             "num_warps": target.num_warps(tile.threads)}
@@ -373,16 +400,26 @@ def lower_gemm_group(writer, group, buffers: dict, views: set, lowerings: dict) 
         configs = bucket_configs(writer.target, spec, dtype)
         device = writer.device(group.gemm.meta["val"].device)
         m, n = writer.expr(spec.m_expr), writer.expr(spec.n_expr)
-        calls, names = launch_lines(spec, configs, m, n, device, writer.target.num_warps(128))
+        reduce_warps = writer.target.num_warps(128)
+        launch_lines(spec, configs, m, n, device, reduce_warps)  # which kernels the source holds
+        spec.comment = [f"computes: {computes}", f"stores: {', '.join(n.name for n in stored)}",
+                        f"accumulators: B columns {', '.join(f'{c}..{c}+N' for c in spec.offsets)}"]
+        source = render_template("gemm.py.jinja", writer.target, k=spec)
+        configs, problems = checked_configs(writer.target, source, spec, configs, dtype, reduce_warps)
+        calls, names = launch_lines(spec, configs, m, n, device, reduce_warps)
     except LoweringError as error:
         writer.out.codegen_fallbacks.append({"group": group.name, "reason": str(error)})
+        if isinstance(error, KernelCheckFailed):
+            writer.out.kernel_checks.append({"kernel": group.name, "problems": error.problems,
+                                             "action": "aten fallback"})
         lines = [header + " (aten: " + str(error).replace("\n", " ")[:120] + ")"]
         return None, lines + [writer.call_line(node) for node in subgraph]
+    if problems:
+        chosen = {bucket: metas[0] for bucket, metas in configs.items()}
+        writer.out.kernel_checks.append({"kernel": group.name, "problems": problems,
+                                         "action": f"re-lowered with {chosen}"})
     writer.uses_gemm = True
     writer.out.lowered_nodes += sum(1 for node in group.members if writer.kinds[node] not in ("view", "gemm"))
-    spec.comment = [f"computes: {computes}", f"stores: {', '.join(n.name for n in stored)}",
-                    f"accumulators: B columns {', '.join(f'{c}..{c}+N' for c in spec.offsets)}"]
-    source = render_template("gemm.py.jinja", writer.target, k=spec)
     sections = [source, writer._fallback_source(spec, subgraph, stored, builder)]
     if spec.split:
         sections += [partial_fallback_source(spec, gemm), reduce_fallback_source(spec)]

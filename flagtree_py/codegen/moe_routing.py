@@ -9,13 +9,14 @@ kernel and eager may pick different (equally weighted) experts only on exact tie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
 import torch.fx
 
 from flagtree_py.codegen import indexing
+from flagtree_py.codegen.check_kernel import SOURCE_PROBLEMS, KernelCheckFailed, check_kernel
 from flagtree_py.codegen.indexing import LoweringError
 from flagtree_py.codegen.types import triton_dtype
 
@@ -28,6 +29,7 @@ class TemplateKernel:
     source: str  # the @triton.jit kernel and its `*_fallback`
     call: list[str]  # wrapper lines: allocations and the launch
     config: dict
+    checks: list[str] = field(default_factory=list)  # check_kernel problems of the target's first tile
 
 
 def lower_moe_routing(node: torch.fx.Node, name: str, templates, target, arg, int64: bool) -> TemplateKernel:
@@ -64,15 +66,31 @@ def lower_moe_routing(node: torch.fx.Node, name: str, templates, target, arg, in
         raise LoweringError(f"{node.name}: the dense routing matrix must be contiguous")
     device = arg(weights.device)
     xnumel = arg(val.shape[0])
-    meta = {"XBLOCK": tile.XBLOCK, "RBLOCK": tile.RBLOCK, "num_warps": target.num_warps(tile.threads)}
+    meta, problems = _checked_meta(source, tile, target, name)
     buffers = [f"{node.name}"] if dense else [f"{node.name}_weights", f"{node.name}_ids"]
     dtypes = [weight_dtype] if dense else [weight_dtype, torch.int64]
     what = "dense routing weights" if dense else "weights, expert ids"
     call = [f"# {name}: {node.name} (router softmax -> top-{top_k} -> {what})"]
     call += [f"{b} = empty_strided({shape}, {stride}, dtype={d}, device={device})" for b, d in zip(buffers, dtypes)]
-    call.append(f"run({name}, (cdiv({xnumel}, {tile.XBLOCK}),), {logits.name}, {', '.join(buffers)}, "
+    call.append(f"run({name}, (cdiv({xnumel}, {meta['XBLOCK']}),), {logits.name}, {', '.join(buffers)}, "
                 f"{xnumel}, {', '.join(f'{k}={v}' for k, v in meta.items())})")
     if not dense:
         call.append(f"{node.name} = ({node.name}_weights, {node.name}_ids)")
     return TemplateKernel(name, source + "\n\n" + "\n".join(fallback), call,
-                          {**meta, "persistent": True, "index_dtype": "int64" if int64 else "int32"})
+                          {**meta, "persistent": True, "index_dtype": "int64" if int64 else "int32"}, problems)
+
+
+def _checked_meta(source: str, tile, target, name: str) -> tuple[dict, list[str]]:
+    """The launch meta of the first tile, down the target's safer configs (whole rows: the row is never
+    split), that passes check_kernel, and the first tile's problems; KernelCheckFailed if none does."""
+    first: list[str] = []
+    while tile is not None:
+        meta = {"XBLOCK": tile.XBLOCK, "RBLOCK": tile.RBLOCK, "num_warps": target.num_warps(tile.threads)}
+        problems = check_kernel(source, {**meta, "kind": "reduction"}, target)
+        if not problems:
+            return meta, first
+        first = first or [str(p) for p in problems]
+        if any(p.kind in SOURCE_PROBLEMS for p in problems):
+            break
+        tile = target.safer_config(tile, row_split=False)
+    raise KernelCheckFailed(name, first)

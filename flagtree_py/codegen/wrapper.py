@@ -22,9 +22,10 @@ import torch.fx
 
 import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.*)
 from flagtree_py.codegen import indexing
-from flagtree_py.codegen.check_kernel import check_kernel
-from flagtree_py.codegen.gemm import lower_gemm_group
 from flagtree_py.codegen.attention import AttentionWriter
+from flagtree_py.codegen.check_kernel import SOURCE_PROBLEMS as _SOURCE_PROBLEMS
+from flagtree_py.codegen.check_kernel import KernelCheckFailed, check_kernel
+from flagtree_py.codegen.gemm import lower_gemm_group
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
@@ -35,7 +36,6 @@ _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 _TEMPLATE_LOWERINGS = {torch.ops.flagtree.moe_routing.default: lower_moe_routing,
                        torch.ops.flagtree.moe_routing_dense.default: lower_moe_routing}
 _GENERIC_TEMPLATES = Path(__file__).parent / "templates"
-_SOURCE_PROBLEMS = ("language", "feature", "syntax")  # check_kernel problems no other config can mend
 
 
 @functools.cache
@@ -259,7 +259,9 @@ class ModuleWriter:
             self.out.constant_targets[node.name] = node.target
             return [f"{node.name} = constants[{node.name!r}]"]
         if kind == "extern" and self.attention.handles(node):
-            return self.attention.lines(node)
+            lines = self.attention.lines(node)
+            if lines is not None:
+                return lines
         if kind == "extern" and node.target in _TEMPLATE_LOWERINGS:
             lines = self._template_kernel(node)
             if lines is not None:
@@ -284,7 +286,12 @@ class ModuleWriter:
             kernel = _TEMPLATE_LOWERINGS[node.target](node, name, template_environment(self.target.template_dir), self.target, self.arg, int64)
         except LoweringError as error:
             self.out.codegen_fallbacks.append({"group": name, "reason": str(error)})
+            if isinstance(error, KernelCheckFailed):
+                self.out.kernel_checks.append({"kernel": name, "problems": error.problems, "action": "aten fallback"})
             return None
+        if kernel.checks:
+            self.out.kernel_checks.append({"kernel": name, "problems": kernel.checks,
+                                           "action": f"re-lowered with {kernel.config}"})
         self.template_sections.append(kernel.source)
         self.out.template_nodes.append(node.name)
         self.out.lowered_nodes += 1

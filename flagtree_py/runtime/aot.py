@@ -113,3 +113,50 @@ class BinaryKernel:
     def launch(self, grid: tuple, args: tuple, meta: dict) -> None:
         full_grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         self.compiled[full_grid](*args, *(meta[name] for name in self.constexprs))
+
+
+class ContentBinaries:
+    """Kernel binaries found by content (cache/binaries.py) for this GPU's `arch` and this Triton.
+
+    `find(kernel, args, meta)` is asked before a kernel would be JIT-compiled, graph cache hit or miss:
+    a BinaryKernel built from the same source for the same launch signature, or None. Each outcome is
+    kept per (kernel, argument widths, meta), so the store is read once per specialization; `lookups`
+    says, per kernel, whether its binary was found (what the GPU check reports).
+    """
+
+    def __init__(self, cache_dir: Path | str, arch: str) -> None:
+        import triton
+
+        from flagtree_py.cache.binaries import BinaryStore
+
+        self.store = BinaryStore(cache_dir)
+        self.arch = arch
+        self.triton_version = triton.__version__
+        self._found: dict = {}
+        self._sources: dict = {}
+        self.lookups: dict[str, dict] = {}
+
+    def find(self, name: str, fn, args: tuple, meta: dict) -> BinaryKernel | None:
+        # every launch asks: the memo's key is cheap (dtypes and integer widths, not the signature)
+        widths = tuple(a.dtype if isinstance(a, torch.Tensor) else
+                       ("i32" if _I32[0] <= a < _I32[1] else "i64") if isinstance(a, int) else type(a) for a in args)
+        memo = (name, widths, tuple(sorted(meta.items())))
+        if memo in self._found:
+            return self._found[memo]
+        from flagtree_py.cache.binaries import binary_key, kernel_source
+
+        signature = launch_signature(args, meta)
+
+        if name not in self._sources:
+            self._sources[name] = kernel_source(fn)
+        key = binary_key(self._sources[name], signature, self.arch, self.triton_version)
+        stored = self.store.get(key)
+        binary = None
+        if stored is not None:
+            built_for, files = stored
+            binary = BinaryKernel(fn, built_for, files)
+            if not binary.accepts(args, meta):
+                binary = None
+        self._found[memo] = binary
+        self.lookups[f"{name} {dict(meta)}"] = {"kernel": name, "key": key, "found": binary is not None}
+        return binary

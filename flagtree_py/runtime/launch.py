@@ -25,7 +25,7 @@ class GuardedKernel:
     """
 
     def __init__(self, name: str, kernel, fallback, on_failure=None, interpreted: bool = False, binary=None,
-                 on_compile=None) -> None:
+                 on_compile=None, content_binaries=None) -> None:
         self.name = name
         self.kernel = kernel
         self.interpreted = interpreted
@@ -35,6 +35,8 @@ class GuardedKernel:
         self.signature: dict | None = None  # the first launch's argument types (for AOT builds)
         self.binary = binary  # a BinaryKernel from the cache entry: launched with no Triton compile
         self.on_compile = on_compile  # called once per Triton compile of this kernel
+        # runtime/aot.py ContentBinaries: binaries found by content, asked before any JIT compile
+        self.content_binaries = content_binaries
         self.compiles = 0
         if not interpreted:
             _count_triton_compiles(self)
@@ -71,6 +73,18 @@ class GuardedKernel:
                 warnings.warn(f"flagtree: cached binary of {self.name} failed ({type(error).__name__}: {error}); "
                               "compiling it with Triton", stacklevel=3)
                 self.binary = None
+        if self.content_binaries is not None and self.failed is None and not self.interpreted:
+            binary = self.content_binaries.find(self.name, self.kernel.fn, args, meta)
+            if binary is not None:
+                try:
+                    binary.launch(grid, args, meta)
+                    counters["binary_launches"] += 1
+                    counters["content_binary_launches"] += 1
+                    return
+                except Exception as error:  # noqa: BLE001 -- as above: Triton's JIT takes over
+                    warnings.warn(f"flagtree: binary of {self.name} found by content failed "
+                                  f"({type(error).__name__}: {error}); compiling it with Triton", stacklevel=3)
+                    self.content_binaries = None
         if self.failed is None:
             try:
                 if self.interpreted:

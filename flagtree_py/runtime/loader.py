@@ -40,12 +40,14 @@ def poisoned_empty_strided(size, stride, *, dtype, device):
 
 def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: dict, externs: dict, on_failure=None,
                  poison: bool = False, binaries: dict | None = None, on_compile=None,
-                 on_check: CheckCallback | None = None) -> None:
+                 on_check: CheckCallback | None = None, content_binaries=None) -> None:
     """Replace each `@triton.jit` kernel in the module by a `GuardedKernel`.
 
     On a machine without the target GPU the same source runs through Triton's interpreter.
     `binaries` maps a kernel name to (launch signature, {"cubin"|"ptx"|"json": path}) built ahead of
     time for this GPU: such a kernel launches its binary and Triton compiles nothing.
+    `content_binaries` (runtime/aot.py ContentBinaries, on a GPU with the cache on) finds a kernel's binary by
+    its source and launch signature, whatever graph entry it was built for, before Triton would compile it.
     With `on_check` (option check_kernels) each becomes a `CheckedKernel` that compares every launch with aten.
     """
     if interpret:
@@ -60,7 +62,8 @@ def bind_kernels(module, kernel_names: list[str], interpret: bool, constants: di
             signature, files = binaries[name]
             binary = BinaryKernel(jit.fn, signature, files)
         fallback = getattr(module, f"{name}_fallback")
-        guard = {"interpreted": interpret, "binary": binary, "on_compile": on_compile}
+        guard = {"interpreted": interpret, "binary": binary, "on_compile": on_compile,
+                 "content_binaries": None if interpret else content_binaries}
         if on_check is None:
             guarded = GuardedKernel(name, kernel, fallback, on_failure, **guard)
         else:

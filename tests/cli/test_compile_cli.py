@@ -35,6 +35,14 @@ def test_nvidia_sm90_entry_holds_cubins_and_travels_in_a_bundle(run_cli, tmp_pat
         assert per_arch["sm90"]["signature"] == meta["launches"][kernel]
     text = run_cli("cache", "--cache-dir", str(tmp_path / "cache"), "show", entry["key"]).stdout
     assert "binaries (built ahead of time" in text and ".sm90.cubin" in text
+    # the same builds by content (cache/binaries.py): what a GPU with another torch finds
+    listed = json.loads(run_cli("cache", "--cache-dir", str(tmp_path / "cache"), "ls", "--json").stdout)
+    by_content = {row["key"]: row for row in listed["binaries"]}
+    assert set(entry["binaries_by_content"]) == set(entry["binaries"]["sm90"])
+    assert set(entry["binaries_by_content"].values()) <= set(by_content)
+    assert all(row["arch"] == "sm90" and row["problem"] is None for row in by_content.values())
+    stats = json.loads(run_cli("cache", "--cache-dir", str(tmp_path / "cache"), "stats", "--json").stdout)
+    assert stats["binaries"] == len(by_content) > 0
 
     # a second compile finds the entry and builds nothing
     again = _compile(run_cli, tmp_path / "cache", "nvidia-sm90")
@@ -46,6 +54,8 @@ def test_nvidia_sm90_entry_holds_cubins_and_travels_in_a_bundle(run_cli, tmp_pat
     assert run_cli("cache", "--cache-dir", str(tmp_path / "other"), "import", str(bundle)).returncode == 0
     moved = _show(run_cli, tmp_path / "other", entry["key"])
     assert moved["problem"] is None and moved["binaries"] == meta["binaries"]
+    moved_listed = json.loads(run_cli("cache", "--cache-dir", str(tmp_path / "other"), "ls", "--json").stdout)
+    assert {row["key"] for row in moved_listed["binaries"]} == set(by_content)
     cubin = next(iter(moved["binaries"].values()))["sm90"]["files"]["cubin"]
     path = tmp_path / "other" / entry["key"][:2] / entry["key"] / cubin
     path.write_bytes(path.read_bytes()[:-8])
