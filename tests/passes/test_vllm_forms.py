@@ -1,0 +1,139 @@
+"""The LLM fusions on the graph forms vLLM's model code hands the backend (no vLLM needed).
+
+`VllmAttentionInput` repeats, op for op, what vLLM 0.32's Qwen3 / Step3 attention does before its
+attention op with custom ops off (`custom_ops: ["none"]`): one merged qkv linear, split; the per-head
+q/k norm of `vllm.ir.ops.rms_norm` on [tokens, heads, head_dim] viewed back to [tokens, hidden]; and
+`RotaryEmbedding.forward_static` (neox): cos/sin gathered with `index_select` from `cos_sin_cache`,
+the halves combined as `x1 * cos - x2 * sin` / `x2 * cos + x1 * sin` and concatenated, then joined to
+the pass-through part. The aten graph is the one saved in tests/serve/data/qwen3.vllm.aten.txt (the
+qkv GEMM aside, vLLM's `_C.onednn_mm` there); checked against vLLM's own `forward_static` in the serve
+venv: the same aten ops in the same order, bit-equal outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import flagtree_py
+from flagtree_py.options import CompileOptions
+from flagtree_py.passes import PassContext
+from flagtree_py.passes.remove_noop_views import remove_noop_views
+
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, TOKENS = 4, 2, 32, 64, 5
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """vllm.ir.ops.rms_norm (RMSNorm.forward_native with custom ops off)."""
+    orig_dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + epsilon)
+    return (x.to(weight.dtype) * weight).to(orig_dtype)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """vLLM's ApplyRotaryEmb.forward_static, neox style."""
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class VllmAttentionInput(nn.Module):
+    def __init__(self, qk_norm: bool, rotary_dim: int = HEAD_DIM) -> None:
+        super().__init__()
+        self.qk_norm, self.rotary_dim = qk_norm, rotary_dim
+        self.qkv_proj = nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM, bias=False)
+        self.q_norm = nn.Parameter(torch.rand(HEAD_DIM) + 0.5)
+        self.k_norm = nn.Parameter(torch.rand(HEAD_DIM) + 0.5)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+        freqs = torch.outer(torch.arange(64).float(), inv_freq)
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1))
+
+    def rotary(self, positions, query, key):
+        """vLLM's RotaryEmbedding.forward_static."""
+        positions = positions.flatten()
+        num_tokens = positions.shape[0]
+        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+        rotated = []
+        for x in (query, key):
+            shape = x.shape
+            x = x.view(num_tokens, -1, HEAD_DIM)
+            x_rot, x_pass = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
+            rotated.append(torch.cat((apply_rotary_emb(x_rot, cos, sin), x_pass), dim=-1).reshape(shape))
+        return rotated
+
+    def forward(self, positions, hidden_states):
+        q, k, v = self.qkv_proj(hidden_states).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+        if self.qk_norm:  # vLLM's Qwen3Attention: per-head norm on a [tokens, heads, head_dim] view
+            q = rms_norm(q.view(*q.shape[:-1], HEADS, HEAD_DIM), self.q_norm, 1e-6).view(q.shape)
+            k = rms_norm(k.view(*k.shape[:-1], KV_HEADS, HEAD_DIM), self.k_norm, 1e-6).view(k.shape)
+        q, k = self.rotary(positions, q, k)
+        # what unified_attention_with_output receives
+        return q.view(-1, HEADS, HEAD_DIM), k.view(-1, KV_HEADS, HEAD_DIM), v.view(-1, KV_HEADS, HEAD_DIM)
+
+
+def _compile(module: nn.Module, dtype: torch.dtype) -> dict:
+    module = module.to(dtype)
+    positions = torch.tensor([3, 0, 7, 1, 12])  # decode-like: one position per sequence
+    hidden = torch.randn(TOKENS, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        # dynamic: vLLM compiles for a symbolic token count
+        out = torch.compile(module, backend="flagtree", dynamic=True)(positions, hidden)
+        ref = module(positions, hidden)
+    # fp32: reassociated sums only (the norm's mean); fp16: both round at the same casts, the norm's
+    # fp32 sum may round differently at the fp16 store (one fp16 ulp, 2**-10, of values ~1)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    for got, want in zip(out, ref):
+        assert got.dtype == want.dtype
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() <= tolerance
+    (record,) = flagtree_py.report()
+    assert record["codegen_fallbacks"] == [] and record["kernel_failures"] == []
+    assert record["fusions_split"] == [], "every matched pattern must be one kernel"
+    return record
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vllm_qwen3_qk_norm_and_neox_rotary_are_one_kernel_per_projection(dtype):
+    record = _compile(VllmAttentionInput(qk_norm=True), dtype)
+    passes = record["passes"]
+    assert passes["fuse_qk_norm_rope"] == 2  # q and k: norm and rotary in one kernel each
+    assert passes["fuse_rope"] == 0 and passes["fuse_rms_norm"] == 0
+    # the qkv GEMM, q's norm+rotary, k's norm+rotary, the cos/sin gather (read by both)
+    assert passes["partition_fusion_groups"] == 4
+
+
+def test_vllm_step3_neox_rotary_without_norm_is_one_kernel_per_projection():
+    record = _compile(VllmAttentionInput(qk_norm=False), torch.float32)
+    passes = record["passes"]
+    assert passes["fuse_rope"] == 2 and passes["fuse_qk_norm_rope"] == 0
+    assert passes["partition_fusion_groups"] == 4
+
+
+def test_partial_rotary_keeps_the_pass_through_part():
+    """rotary_dim < head_dim: the pass-through slice is a real part of the output, not an empty one."""
+    record = _compile(VllmAttentionInput(qk_norm=False, rotary_dim=HEAD_DIM // 2), torch.float32)
+    assert record["passes"]["fuse_rope"] == 2
+
+
+def test_reshape_round_trip_reads_the_earlier_tensor():
+    """[T, H, D] -> [T, H*D] -> [T, H, D] is the tensor itself; a reshape to another shape stays."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(TOKENS, HEADS, HEAD_DIM)
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    y.meta["val"] = torch.empty(TOKENS, HEADS, HEAD_DIM)
+    flat = graph.call_function(torch.ops.aten.view.default, (y, [TOKENS, HEADS * HEAD_DIM]))
+    flat.meta["val"] = torch.empty(TOKENS, HEADS * HEAD_DIM)
+    back = graph.call_function(torch.ops.aten.view.default, (flat, [TOKENS, -1, HEAD_DIM]))
+    back.meta["val"] = torch.empty(TOKENS, HEADS, HEAD_DIM)
+    other = graph.call_function(torch.ops.aten.view.default, (flat, [TOKENS, 2, 64]))
+    other.meta["val"] = torch.empty(TOKENS, 2, 64)
+    out = graph.call_function(torch.ops.aten.add.Tensor, (back, 1.0))
+    out.meta["val"] = torch.empty(TOKENS, HEADS, HEAD_DIM)
+    graph.output((out, other))
+    ctx = PassContext(CompileOptions())
+    assert remove_noop_views(graph, ctx)
+    assert out.args[0] is y  # the round trip is gone
+    assert other in graph.nodes and other.args[0] is flat  # [T, 2, 64] is another tensor shape
