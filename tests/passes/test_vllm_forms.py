@@ -74,13 +74,19 @@ class VllmAttentionInput(nn.Module):
         return q.view(-1, HEADS, HEAD_DIM), k.view(-1, KV_HEADS, HEAD_DIM), v.view(-1, KV_HEADS, HEAD_DIM)
 
 
+def _tokens_are_symbolic(*tensors: torch.Tensor) -> None:
+    """vLLM compiles for a symbolic token count; every other size (heads, experts) is static."""
+    for tensor in tensors:
+        torch._dynamo.mark_dynamic(tensor, 0)
+
+
 def _compile(module: nn.Module, dtype: torch.dtype) -> dict:
     module = module.to(dtype)
     positions = torch.tensor([3, 0, 7, 1, 12])  # decode-like: one position per sequence
     hidden = torch.randn(TOKENS, HIDDEN, dtype=dtype)
+    _tokens_are_symbolic(positions, hidden)
     with torch.no_grad():
-        # dynamic: vLLM compiles for a symbolic token count
-        out = torch.compile(module, backend="flagtree", dynamic=True)(positions, hidden)
+        out = torch.compile(module, backend="flagtree")(positions, hidden)
         ref = module(positions, hidden)
     # fp32: reassociated sums only (the norm's mean); fp16: both round at the same casts, the norm's
     # fp32 sum may round differently at the fp16 store (one fp16 ulp, 2**-10, of values ~1)
@@ -137,3 +143,53 @@ def test_reshape_round_trip_reads_the_earlier_tensor():
     assert remove_noop_views(graph, ctx)
     assert out.args[0] is y  # the round trip is gone
     assert other in graph.nodes and other.args[0] is flat  # [T, 2, 64] is another tensor shape
+
+
+EXPERTS, TOP_K = 8, 3
+
+
+def softmax_topk(router_logits: torch.Tensor, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's CPU router (`_softmax_topk` in fused_moe/router/cpu_router.py): what its graphs hold
+    between the router GEMM and `_C.cpu_fused_moe` (Qwen3-MoE renormalizes, Step3 does not)."""
+    topk_logit_vals, topk_idx = torch.topk(router_logits, k=TOP_K, dim=-1, sorted=False)
+    if renormalize:
+        topk_vals = torch.softmax(topk_logit_vals, dim=-1)
+    else:
+        log_z = torch.logsumexp(router_logits, dim=-1, keepdim=True)
+        topk_vals = (topk_logit_vals - log_z).exp()
+    return topk_vals.to(torch.float32), topk_idx.to(torch.int32)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_vllm_cpu_router_is_one_routing_kernel(renormalize):
+    def route(hidden, gate):
+        return softmax_topk(hidden @ gate, renormalize)
+
+    hidden, gate = torch.randn(TOKENS, HIDDEN), torch.randn(HIDDEN, EXPERTS)
+    _tokens_are_symbolic(hidden)
+    with torch.no_grad():
+        weights, ids = torch.compile(route, backend="flagtree")(hidden, gate)
+        want_weights, want_ids = route(hidden, gate)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    # sorted=False: the order of the k (weight, expert) pairs is free; the experts and their weights are not
+    dense = torch.zeros(TOKENS, EXPERTS).scatter(-1, ids.long(), weights)
+    want = torch.zeros(TOKENS, EXPERTS).scatter(-1, want_ids.long(), want_weights)
+    assert torch.equal(ids.sort(-1).values, want_ids.sort(-1).values)
+    assert torch.allclose(dense, want, rtol=1e-5, atol=1e-6)  # float32 exp/sum, reassociated
+    (record,) = flagtree_py.report()
+    assert record["passes"]["fuse_moe_routing"] == 1
+    assert "aten.topk.default" not in record["extern_ops"]
+    assert record["codegen_fallbacks"] == [] and record["kernel_failures"] == []
+
+
+def test_vllm_router_in_half_precision_is_left_alone():
+    """A softmax of fp16 top-k logits rounds in fp16: the fused float32 routing would be another result."""
+    def route(logits):
+        return softmax_topk(logits, True)
+
+    logits = torch.randn(TOKENS, EXPERTS, dtype=torch.float16)
+    _tokens_are_symbolic(logits)
+    with torch.no_grad():
+        torch.compile(route, backend="flagtree")(logits)
+    (record,) = flagtree_py.report()
+    assert record["passes"]["fuse_moe_routing"] == 0
