@@ -34,8 +34,9 @@ def _rotary_nodes(normed: torch.fx.Node) -> list[torch.fx.Node] | None:
     return None
 
 
-#: ops from a half's slice to the rotary's cat: neg -> cat (rotate-half), mul -> sub/add -> cat (neox)
-_ROTARY_DEPTH = 3
+#: ops from the normed head's slice to the rotary's cat: neg -> cat (rotate-half), mul -> sub/add -> cat
+#: (neox), one more for a partial rotary's halves (slices of the slice x[..., :rotary_dim])
+_ROTARY_DEPTH = 4
 
 
 def _near_users(node: torch.fx.Node, depth: int) -> list[torch.fx.Node]:
@@ -48,11 +49,17 @@ def _near_users(node: torch.fx.Node, depth: int) -> list[torch.fx.Node]:
 
 
 def _sources(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """`node` and what it is a view of."""
+    """`node` and what it is a view of (through the leading slice x[..., :rotary_dim] of a partial rotary)."""
     chain = [node]
-    while is_op(chain[-1], *VIEW_OPS):
+    while is_op(chain[-1], *VIEW_OPS) or _is_leading_slice(chain[-1]):
         chain.append(chain[-1].args[0])
     return chain
+
+
+def _is_leading_slice(node: torch.fx.Node) -> bool:
+    if not is_op(node, aten.slice.Tensor) or len(node.args) < 3 or node.args[2] not in (0, None):
+        return False
+    return node.args[1] in (-1, node.meta["val"].dim() - 1) and (len(node.args) < 5 or node.args[4] == 1)
 
 
 def _match(rsqrt: torch.fx.Node) -> list[torch.fx.Node] | None:

@@ -214,7 +214,9 @@ def match_neox_rotary(cat: torch.fx.Node) -> dict | None:
     outer = single_user(cat, aten.cat.default)
     if outer is not None and len(outer.args[0]) == 2 and outer.args[0][0] is cat and _is_last_dim(outer, _cat_dim(outer)):
         rest = outer.args[0][1]
-        if is_op(rest, aten.slice.Tensor) and rest.args[0] is x and _is_last_dim(rest, rest.args[1]) \
+        # the pass-through part: x[..., 2h:] of the head, where x is the head or x = head[..., :2h]
+        head = x.args[0] if is_op(x, aten.slice.Tensor) and _slice_bounds(x) == (0, 2 * half) else x
+        if is_op(rest, aten.slice.Tensor) and rest.args[0] in (x, head) and _is_last_dim(rest, rest.args[1]) \
                 and _slice_bounds(rest)[0] == 2 * half and len(rest.users) == 1:
             nodes += [rest, outer]
             out = outer

@@ -117,10 +117,14 @@ def test_vllm_step3_neox_rotary_without_norm_is_one_kernel_per_projection():
     assert passes["partition_fusion_groups"] == 4
 
 
-def test_partial_rotary_keeps_the_pass_through_part():
-    """rotary_dim < head_dim: the pass-through slice is a real part of the output, not an empty one."""
-    record = _compile(VllmAttentionInput(qk_norm=False, rotary_dim=HEAD_DIM // 2), torch.float32)
-    assert record["passes"]["fuse_rope"] == 2
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_partial_rotary_keeps_the_pass_through_part_in_the_kernel(qk_norm):
+    """rotary_dim < head_dim: the rotary reads x[..., :rotary_dim] and the pass-through slice is a real part
+    of the output (not an empty one): both in the instance's kernel, the norm too where there is one."""
+    record = _compile(VllmAttentionInput(qk_norm=qk_norm, rotary_dim=HEAD_DIM // 2), torch.float32)
+    passes = record["passes"]
+    assert (passes["fuse_qk_norm_rope"], passes["fuse_rope"]) == ((2, 0) if qk_norm else (0, 2))
+    assert passes["fuse_rms_norm"] == 0 and passes["partition_fusion_groups"] == 4
 
 
 def test_reshape_round_trip_reads_the_earlier_tensor():
