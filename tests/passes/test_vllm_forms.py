@@ -197,3 +197,59 @@ def test_vllm_router_in_half_precision_is_left_alone():
         torch.compile(route, backend="flagtree")(logits)
     (record,) = flagtree_py.report()
     assert record["passes"]["fuse_moe_routing"] == 0
+
+
+def _vllm_rotary_op():
+    """`torch.ops._C.rotary_embedding`: vLLM's own where vLLM is installed, else a stand-in with its schema
+    whose body is RotaryEmbedding.forward_static written into q and k in place (what the kernel computes)."""
+    try:
+        return torch.ops._C.rotary_embedding.default
+    except (AttributeError, RuntimeError):
+        pass
+    library = torch.library.Library("_C", "FRAGMENT")  # a test stand-in, kept for the process (_LIBRARIES)
+    library.define("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!)? key, int head_size, "
+                   "Tensor cos_sin_cache, bool is_neox, int rope_dim_offset=0, bool inverse=False) -> ()")
+
+    def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0, inverse=False):
+        cos, sin = cos_sin_cache.index_select(0, positions.flatten()).chunk(2, dim=-1)
+        rotary_dim = cos_sin_cache.shape[-1]
+        for x in (query, key):
+            heads = x.view(x.shape[0], -1, head_size)
+            rotated = torch.cat((apply_rotary_emb(heads[..., :rotary_dim], cos, sin), heads[..., rotary_dim:]), -1)
+            x.copy_(rotated.view(x.shape))
+
+    library.impl("rotary_embedding", rotary_embedding, "CompositeExplicitAutograd")
+    _LIBRARIES.append(library)
+    torch.library.register_fake("_C::rotary_embedding", lambda *args, **kwargs: None)
+    return torch.ops._C.rotary_embedding.default
+
+
+_LIBRARIES: list = []
+
+
+class VllmCustomOpRotary(VllmAttentionInput):
+    """The same attention input with vLLM's custom ops on: RotaryEmbedding.forward_cuda rotates q and k in
+    place with `_C.rotary_embedding` (auto_functionalized_v2 in the graph flagtree receives)."""
+
+    def rotary(self, positions, query, key):
+        _vllm_rotary_op()(positions, query, key, HEAD_DIM, self.cos_sin_cache, True)
+        return query, key
+
+
+def test_vllm_custom_op_rotary_is_decomposed_and_fused_with_the_qk_norm():
+    """q and k are the norms' outputs: each the whole base of the functionalized op, rewritten."""
+    _vllm_rotary_op()
+    record = _compile(VllmCustomOpRotary(qk_norm=True), torch.float32)
+    passes = record["passes"]
+    assert passes["decompose_vllm_rotary"] == 1
+    assert passes["fuse_qk_norm_rope"] == 2 and passes["fuse_rope"] == 0
+    assert not [op for op in record["extern_ops"] if "rotary_embedding" in op]
+
+
+def test_vllm_custom_op_rotary_on_slices_of_one_base_stays_vllms():
+    """q and k are slices of the qkv output (v another): writing them back into the base is not done,
+    so the op stays an extern call (and the graph stays right)."""
+    _vllm_rotary_op()
+    record = _compile(VllmCustomOpRotary(qk_norm=False), torch.float32)
+    assert record["passes"]["decompose_vllm_rotary"] == 0
+    assert [op for op in record["extern_ops"] if "rotary_embedding" in op]
