@@ -37,6 +37,7 @@ from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
 from flagtree_py.passes.decompose_batched_gemv import decompose_batched_gemv
 from flagtree_py.passes.decompose_split import decompose_split
+from flagtree_py.passes.decompose_vllm_rotary import decompose_vllm_rotary
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
 from flagtree_py.passes.fuse_add_rms_norm import fuse_add_rms_norm
@@ -62,6 +63,7 @@ from flagtree_py.targets import select_target
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
 CANONICALIZE = [
     fuse_attention,  # every SDPA form -> flagtree::attention on un-repeated K/V (the repeat dies next)
+    decompose_vllm_rotary,  # vLLM's in-place _C.rotary_embedding -> its PyTorch form, fused like that
     reinplace_cache_writes,  # copy_(cache, index_put(cache, ...)) -> index_put_: no full cache copies
     eliminate_dead_code,
     eliminate_common_subexpressions,

@@ -7,6 +7,10 @@ The graph forms (all with the softmax decomposed to amax/sub/exp/sum/div, see de
   Step3 (models/step3.py)         softmax(logits.to(float32)) -> topk -> [values / values.sum(-1)]
                                   -> scatter into zeros_like(probs) -> .to(dtype): the dense routing
                                   matrix, one `flagtree::moe_routing_dense` node (scatter included)
+  vLLM's CPU router (fused_moe/router/cpu_router.py `_softmax_topk`, float32 logits)
+                                  topk(logits, sorted=False) first, then softmax(values) (renormalize,
+                                  Qwen3-MoE) or exp(values - logsumexp(logits)) (not, Step3): the same
+                                  weights as softmax -> top-k -> [renormalise] (see _match_vllm)
 Unlike the other fusions this one rewrites the graph instead of stamping it: top-k does not fit
 the row/element model of the generic kernels (it has k outputs per row of E inputs).
 """
@@ -22,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.moe_routing)
 from flagtree_py.passes import PassContext
-from flagtree_py.passes.patterns import CASTS, aten, is_op, single_user
+from flagtree_py.passes.patterns import CASTS, aten, is_op, other_operand, single_user
 
 _LIKE_OPS = (aten.full_like.default, aten.zeros_like.default, aten.empty_like.default)
 
@@ -114,6 +118,84 @@ def _match(topk: torch.fx.Node) -> dict | None:
             "probs": probs, "like_users": like_users, "replaced": replaced, "dense": scatter is not None}
 
 
+def _match_vllm(topk: torch.fx.Node) -> dict | None:
+    """vLLM's CPU router: top-k of the raw float32 logits, then the softmax of the k values
+    (= the renormalised top-k of the softmax) or exp(values - logsumexp(logits)) (= the top-k of the
+    softmax). The order of the k pairs is free (sorted=False): vLLM's experts read (weight, id) pairs."""
+    logits, k = topk.args[0], topk.args[1]
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
+    val = logits.meta.get("val") if isinstance(logits, torch.fx.Node) else None
+    if not (isinstance(k, int) and largest and isinstance(val, torch.Tensor) and val.dim() == 2):
+        return None
+    if val.dtype != torch.float32 or not isinstance(val.shape[-1], int) or not 0 < k <= val.shape[-1]:
+        return None  # softmax in the logits' own dtype: the fused op's float32 softmax is another result
+    if dim not in (-1, 1):
+        return None
+    getitems = {u.args[1]: u for u in topk.users if u.target is operator.getitem}
+    values, ids = getitems.get(0), getitems.get(1)
+    if len(getitems) != len(topk.users) or values is None:
+        return None
+    renormalised = _softmax_of(values)
+    if renormalised is not None:
+        weights, nodes = renormalised
+    else:
+        found = _exp_minus_logsumexp(values, logits)
+        if found is None:
+            return None
+        weights, nodes = found
+    replaced = [*nodes, topk, *getitems.values()]
+    cast = single_user(weights, *CASTS)
+    if cast is not None and _is_float_on(cast, val.device):
+        replaced.append(cast)
+        weights = cast
+    return {"topk": topk, "raw": logits, "k": k, "renorm": renormalised is not None, "weights": weights,
+            "ids": ids, "probs": logits, "like_users": [], "replaced": replaced, "dense": False}
+
+
+def _softmax_of(values: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """(probs, nodes) when `values` is used only by probs = softmax(values) over the last dim."""
+    for sub in values.users:
+        exp = single_user(sub, aten.exp.default) if is_op(sub, aten.sub.Tensor) else None
+        probs = next((u for u in exp.users if is_op(u, aten.div.Tensor)), None) if exp is not None else None
+        found = _softmax_input(probs) if probs is not None else None
+        if found is not None and found[0] is values and set(values.users) <= set(found[1]):
+            return probs, found[1]
+    return None
+
+
+def _exp_minus_logsumexp(values: torch.fx.Node, logits: torch.fx.Node) -> tuple | None:
+    """(weights, nodes) for weights = exp(values - logsumexp(logits, -1, keepdim)), logsumexp in its
+    decomposed form: log(sum(exp(logits - m))) + m, m = amax(logits) with +-inf replaced by 0."""
+    sub = single_user(values, aten.sub.Tensor)
+    exp = single_user(sub, aten.exp.default) if sub is not None and sub.args[0] is values else None
+    lse = sub.args[1] if exp is not None else None
+    if not is_op(lse, aten.add.Tensor) or len(lse.users) != 1:
+        return None
+    log = next((a for a in lse.args if is_op(a, aten.log.default)), None)
+    shift = other_operand(lse, log) if log is not None else None
+    total = log.args[0] if log is not None else None
+    if not is_op(total, aten.sum.dim_IntList) or not _last_dim(total, 1) or not is_op(shift, aten.where.self):
+        return None
+    inner_exp = total.args[0]
+    inner_sub = inner_exp.args[0] if is_op(inner_exp, aten.exp.default) else None
+    if not is_op(inner_sub, aten.sub.Tensor) or inner_sub.args[0] is not logits or inner_sub.args[1] is not shift:
+        return None
+    is_inf, zero, amax = shift.args
+    if not (is_op(amax, aten.amax.default) and amax.args[0] is logits and _last_dim(amax, 1)):
+        return None
+    absolute = is_inf.args[0] if is_op(is_inf, aten.eq.Scalar) and is_inf.args[1] == float("inf") else None
+    if not is_op(absolute, aten.abs.default) or absolute.args[0] is not amax:
+        return None
+    if not (is_op(zero, aten.scalar_tensor.default) and zero.args[0] == 0 and len(zero.users) == 1):
+        return None
+    nodes = [amax, absolute, is_inf, zero, shift, inner_sub, inner_exp, total, log, lse, sub, exp]
+    inside = set(nodes)
+    if any(not set(n.users) <= inside for n in nodes[:-1]):
+        return None  # an intermediate is read elsewhere: it must stay
+    return exp, nodes
+
+
 def _dense_scatter(weights, ids, like_users) -> torch.fx.Node | None:
     """zeros_like(probs).scatter(-1, ids, weights), when the top-k results are used for nothing else."""
     if weights is None or ids is None or len(like_users) != 1 or len(weights.users) != 1 or len(ids.users) != 1:
@@ -168,7 +250,8 @@ def _rewrite(graph: torch.fx.Graph, m: dict, order: dict) -> None:
 
 def fuse_moe_routing(graph: torch.fx.Graph, ctx: PassContext) -> bool:
     order = {node: position for position, node in enumerate(graph.nodes)}  # erase users first
-    matches = [m for node in list(graph.nodes) if is_op(node, aten.topk.default) for m in [_match(node)] if m]
+    matches = [m for node in list(graph.nodes) if is_op(node, aten.topk.default)
+               for m in [_match(node) or _match_vllm(node)] if m]
     for m in matches:
         _rewrite(graph, m, order)
     ctx.counters["fuse_moe_routing"] += len(matches)

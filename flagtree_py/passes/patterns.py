@@ -178,3 +178,94 @@ def match_rotary(cat: torch.fx.Node) -> dict | None:
     if not is_op(direct, aten.mul.Tensor) or x not in direct.args:
         return None
     return {"x": x, "nodes": [upper, lower, first, cat, rotated, direct, total]}
+
+
+def match_neox_rotary(cat: torch.fx.Node) -> dict | None:
+    """vLLM's neox rotary (RotaryEmbedding.forward_static, custom ops off), anchored at its
+    cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1), where x1, x2 = the two halves of
+    x[..., :rotary_dim]: no rotate-half, the halves are combined before the cat. When the cat is
+    then joined to the pass-through part (cat([rotated, x[..., rotary_dim:]], -1)), that is part
+    of the instance too (an empty slice where rotary_dim == head_dim, as in Qwen3 and Step3).
+
+    Returns {"x", "nodes", "out"} (x: the tensor the halves are sliced from) or None.
+    """
+    if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2 or not _is_last_dim(cat, _cat_dim(cat)):
+        return None
+    first, second = cat.args[0]
+    if not is_op(first, aten.sub.Tensor) or not is_op(second, aten.add.Tensor):
+        return None
+    if not all(is_op(n, aten.mul.Tensor) for n in (*first.args[:2], *second.args[:2])):
+        return None
+    x1_cos, x2_sin = first.args[:2]
+    halves = next(((a, b) for a in x1_cos.args[:2] for b in x2_sin.args[:2] if _are_halves(a, b)), None)
+    if halves is None:
+        return None
+    x1, x2 = halves
+    cos, sin = other_operand(x1_cos, x1), other_operand(x2_sin, x2)
+    x, half = x1.args[0], x1.meta["val"].shape[-1]
+    # second half: x2 * cos + x1 * sin, in either operand order
+    products = {_product_key(m, x1, x2, cos, sin) for m in second.args[:2]}
+    if products != {("x2", "cos"), ("x1", "sin")}:
+        return None
+    nodes = [x1, x2, x1_cos, x2_sin, first, *second.args[:2], second, cat]
+    if any(len(n.users) != 1 for n in nodes[2:-1]):
+        return None
+    out = cat
+    outer = single_user(cat, aten.cat.default)
+    if outer is not None and len(outer.args[0]) == 2 and outer.args[0][0] is cat and _is_last_dim(outer, _cat_dim(outer)):
+        rest = outer.args[0][1]
+        # the pass-through part: x[..., 2h:] of the head, where x is the head or x = head[..., :2h]
+        head = x.args[0] if is_op(x, aten.slice.Tensor) and _slice_bounds(x) == (0, 2 * half) else x
+        if is_op(rest, aten.slice.Tensor) and rest.args[0] in (x, head) and _is_last_dim(rest, rest.args[1]) \
+                and _slice_bounds(rest)[0] == 2 * half and len(rest.users) == 1:
+            nodes += [rest, outer]
+            out = outer
+    return {"x": x, "nodes": nodes, "out": out}
+
+
+def match_any_rotary(cat: torch.fx.Node) -> dict | None:
+    """The rotary embedding anchored at `cat`, in transformers' (rotate-half) or vLLM's (neox) form."""
+    return match_rotary(cat) or match_neox_rotary(cat)
+
+
+def _are_halves(x1, x2) -> bool:
+    """x1 = x[..., 0:h] and x2 = x[..., h:2h] of one x (slices of its last dimension)."""
+    if not (is_op(x1, aten.slice.Tensor) and is_op(x2, aten.slice.Tensor)) or x1.args[0] is not x2.args[0]:
+        return False
+    if not (_is_last_dim(x1, x1.args[1]) and _is_last_dim(x2, x2.args[1])):
+        return False
+    half, size = x1.meta["val"].shape[-1], x1.args[0].meta["val"].shape[-1]
+    if not isinstance(half, int) or not isinstance(size, int) or half == 0:
+        return False
+    return _slice_bounds(x1) == (0, half) and _slice_bounds(x2) == (half, 2 * half) and size >= 2 * half
+
+
+def _cat_dim(cat: torch.fx.Node) -> int:
+    return cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+
+
+def _is_last_dim(node: torch.fx.Node, dim: int) -> bool:
+    ndim = node.meta["val"].dim()
+    return dim in (-1, ndim - 1)
+
+
+def _slice_bounds(node: torch.fx.Node) -> tuple:
+    """(start, end) of a slice with step 1, end clamped to the sliced size; (None, None) otherwise."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start, end, step = args[2] or 0, args[3], args[4] or 1
+    size = node.args[0].meta["val"].shape[-1]
+    if step != 1 or not all(isinstance(v, int) for v in (start, end, size)):
+        return (None, None)
+    return (start, min(end, size))
+
+
+def _product_key(mul: torch.fx.Node, x1, x2, cos, sin) -> tuple | None:
+    """("x1" | "x2", "cos" | "sin") for a product of one half with cos or sin."""
+    if not is_op(mul, aten.mul.Tensor):
+        return None
+    a, b = mul.args[:2]
+    for half, name in ((x1, "x1"), (x2, "x2")):
+        for table, label in ((cos, "cos"), (sin, "sin")):
+            if (a is half and b is table) or (b is half and a is table):
+                return (name, label)
+    return None

@@ -10,6 +10,11 @@ asked, because Inductor's piecewise C++ compiles are slow on CPUs. That would si
 So after the native hook ran, the mode and backend are put back when the config asked for flagtree: mode
 VLLM_COMPILE with the default backend "", which vLLM's CompilationConfig resolves to get_compile_backend()
 (it refuses any other custom backend name for piecewise compilation).
+
+Why the CUDA platform needs more: vLLM's IR ops (rms_norm, fused_add_rms_norm) run the PyTorch form only when
+Inductor compiles; with any other backend `CudaPlatform.get_default_ir_op_priority` puts vLLM's own CUDA
+kernels (`vllm_c`) first, and flagtree would receive `_C.rms_norm` calls instead of the norms it fuses (with
+the q/k norm, the rotary embedding after it). flagtree compiles like Inductor: the PyTorch form comes first.
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ class FlagtreePlatformMixin:
     @classmethod
     def get_compile_backend(cls) -> str:
         return COMPILER_QUALNAME
+
+    @classmethod
+    def get_default_ir_op_priority(cls, vllm_config):
+        from vllm.config import CompilationMode
+        from vllm.config.kernel import IrOpPriorityConfig
+
+        if vllm_config.compilation_config.mode != CompilationMode.VLLM_COMPILE:
+            return super().get_default_ir_op_priority(vllm_config)  # nothing compiled: vLLM's kernels
+        return IrOpPriorityConfig.with_default(["native"])
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:

@@ -54,3 +54,31 @@ def test_the_vllm_process_asks_for_flagtree_on_whole_graphs(tmp_path, monkeypatc
     args.passthrough = ["-cc", '{"mode": 0}', "--dtype", "float16"]  # the user's own choices win
     argv, _ = vllm_command(tmp_path, "served", args, 8123, tmp_path / "r.json")
     assert "--compilation-config" not in argv and argv.count("--dtype") == 1
+
+
+@requires_vllm
+def test_vllm_ir_ops_keep_their_pytorch_form_when_flagtree_compiles():
+    """vLLM's CUDA platform puts its own kernels first for IR ops (rms_norm...) unless Inductor compiles:
+    flagtree's platforms put the PyTorch form (what flagtree fuses) first whenever flagtree compiles."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationMode
+    from vllm.config.kernel import IrOpPriorityConfig
+
+    from flagtree_py.serve.platforms import FlagtreePlatformMixin
+
+    class CudaLike:  # CudaPlatform.get_default_ir_op_priority with a backend other than Inductor
+        @classmethod
+        def get_default_ir_op_priority(cls, vllm_config):
+            return IrOpPriorityConfig.with_default(["vllm_c", "native"])
+
+    class Platform(FlagtreePlatformMixin, CudaLike):
+        pass
+
+    def config(mode):
+        return SimpleNamespace(compilation_config=SimpleNamespace(mode=mode))
+
+    compiled = Platform.get_default_ir_op_priority(config(CompilationMode.VLLM_COMPILE))
+    assert compiled.rms_norm == ["native"] and compiled.fused_add_rms_norm == ["native"]
+    eager = Platform.get_default_ir_op_priority(config(CompilationMode.NONE))
+    assert eager.rms_norm == ["vllm_c", "native"]  # nothing compiled: vLLM's kernels stay first

@@ -55,6 +55,19 @@ class Server:
                 self.process.wait()
 
 
+#: fusion counters on vLLM's graph of each tiny preset (2 decoder layers each): q/k norm + neox rotary
+#: (Qwen3) or the rotary alone (Step3) on q and k of every layer; 2L+1 block norms (+ Step3's query norm);
+#: vLLM's CPU router of every MoE layer (Step3: layer 1 only)
+VLLM_FUSIONS = {
+    "qwen3": {"fuse_qk_norm_rope": 4, "fuse_rope": 0, "fuse_rms_norm": 1, "fuse_add_rms_norm": 4,
+              "fuse_silu_mul": 2, "fuse_moe_routing": 0},
+    "qwen3-30b-a3b": {"fuse_qk_norm_rope": 4, "fuse_rope": 0, "fuse_rms_norm": 1, "fuse_add_rms_norm": 4,
+                      "fuse_moe_routing": 2},
+    "step3": {"fuse_qk_norm_rope": 0, "fuse_rope": 4, "fuse_rms_norm": 3, "fuse_add_rms_norm": 4,
+              "fuse_moe_routing": 1},
+}
+
+
 def eager_greedy(preset: str, folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy tokens of the checkpoint's model in eager PyTorch (transformers; flagtree's Step3 port)."""
     import torch
@@ -139,6 +152,11 @@ def test_tiny_preset_is_served_with_flagtree_compiling_the_model(preset: str, tm
         assert "auto_functionalized_v2(torch.ops.vllm.unified_attention_with_output.default)" in summary["extern_ops"]
         assert "torch.ops.vllm.unified_kv_cache_update.default" in summary["extern_ops"]
         assert summary["passes"]["fuse_rms_norm"] + summary["passes"]["fuse_add_rms_norm"] > 0
+        # vLLM's forms of the LLM patterns (tests/passes/test_vllm_forms.py): each one kernel, none left to aten
+        for name, count in VLLM_FUSIONS[preset].items():
+            assert summary["passes"][name] == count, (name, summary["passes"])
+        assert not [f for r in records for f in r["codegen_fallbacks"]], [r["codegen_fallbacks"] for r in records]
+        assert not [f for r in records for f in r["fusions_split"]]
         assert log.count("flagtree: compiled graph_") >= len(records)
         for record in records:  # every kernel vLLM's graph became also builds for an H100
             check = record["aot_check"]
