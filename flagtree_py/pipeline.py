@@ -31,6 +31,7 @@ import torch.fx
 
 from flagtree_py.cache import KernelCache, cache_key, default_cache_dir
 from flagtree_py.cache.externs import extern_import_paths, resolve_import_paths
+from flagtree_py.cache.store import AUTOTUNE_FILE
 from flagtree_py.codegen.lowerings import is_gemm_or_attention
 from flagtree_py.codegen.wrapper import ModuleWriter, mutates_first_argument
 from flagtree_py.options import CompileOptions
@@ -41,8 +42,8 @@ from flagtree_py.passes.decompose_vllm_rotary import decompose_vllm_rotary
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
 from flagtree_py.passes.fuse_add_rms_norm import fuse_add_rms_norm
-from flagtree_py.passes.fuse_moe_routing import fuse_moe_routing
 from flagtree_py.passes.fuse_attention import fuse_attention
+from flagtree_py.passes.fuse_moe_routing import fuse_moe_routing
 from flagtree_py.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
 from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
 from flagtree_py.passes.fuse_rope import fuse_rope
@@ -54,8 +55,8 @@ from flagtree_py.passes.reinplace_cache_writes import reinplace_cache_writes
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
 from flagtree_py.runtime.autotune import GemmTuner, attach_tuner
-from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
 from flagtree_py.runtime.check import KernelErrors
+from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.runtime.merged_weights import colocate, merged_weight
 from flagtree_py.targets import select_target
@@ -250,7 +251,7 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
                  binaries=binaries, on_compile=on_compile, on_check=on_check,
                  content_binaries=_content_binaries(cache, device_type, record))
     record["binaries_loaded"] = sorted(binaries)
-    _attach_tuner(module, meta["kernels"], options, cache, entry.key, cache.load_json(entry, WINNERS_FILE))
+    _attach_tuner(module, meta["kernels"], options, cache, entry.key, entry.autotune_winners())
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
     record.update(meta["record"])
@@ -262,17 +263,16 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     return call
 
 
-#: the GEMM autotuner's winners, a file of the compiled graph's cache entry
-WINNERS_FILE = "autotune.json"
-
-
-def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, winners: dict) -> None:
+def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, stored: dict) -> None:
     """GEMM kernels choose their tile per M bucket: stored winners first, then (if on) tuning."""
     def persist(found: dict) -> None:
-        if cache is not None and key is not None:
-            cache.store_json(key, WINNERS_FILE, {"winners": found})
+        if cache is None or key is None:
+            return
+        try:
+            cache.add_extra(key, AUTOTUNE_FILE, {"winners": found})
+        except ValueError:  # the graph's entry was never stored, or is damaged: the winners stay in memory
+            pass
 
-    stored = winners.get("winners", {}) if isinstance(winners, dict) else {}
     tuner = GemmTuner(options.autotune, options.autotune_budget_s, stored, persist)
     attach_tuner(module, kernel_names, tuner)
 

@@ -3,4 +3,4 @@
 from flagtree_py.cache.key import cache_key
 from flagtree_py.cache.store import CacheEntry, KernelCache, default_cache_dir
 
-__all__ = ["cache_key", "KernelCache", "CacheEntry", "default_cache_dir"]
+__all__ = ["CacheEntry", "KernelCache", "cache_key", "default_cache_dir"]

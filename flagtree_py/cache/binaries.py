@@ -85,6 +85,18 @@ def binary_key(source: str, signature: dict, arch: str, triton_version: str) -> 
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
+def remove_directory(path: Path) -> bool:
+    """Remove a cache entry's or a binary's directory; False if there was none. It is first renamed out
+    of the way, so no process ever reads a half-deleted one."""
+    doomed = path.with_name(f".tmp-rm-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
 class BinaryStore:
     """The content-addressed binaries of one cache directory."""
 
@@ -166,14 +178,7 @@ class BinaryStore:
             yield self.meta(path.name) or {"key": path.name}, size, self.verify(path.name)
 
     def remove(self, key: str) -> bool:
-        path = self.path(key)
-        doomed = path.with_name(f".tmp-rm-{uuid.uuid4().hex[:8]}-{key}")
-        try:
-            os.rename(path, doomed)
-        except FileNotFoundError:
-            return False
-        shutil.rmtree(doomed, ignore_errors=True)
-        return True
+        return remove_directory(self.path(key))
 
     def files(self, key: str) -> dict[str, bytes]:
         """All files of an intact binary (for a bundle), binary.json included; ValueError if damaged."""

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flagtree_py.cache.binaries import BINARIES_DIR, BinaryStore
+from flagtree_py.cache.binaries import BINARIES_DIR, BinaryStore, remove_directory
 
 MODULE_FILE = "module.py"
 META_FILE = "meta.json"
@@ -58,6 +58,10 @@ class CacheRefused(Exception):
     """The cache directory or an entry is not safe to use."""
 
 
+#: the GEMM autotuner's winners: an extra file of the compiled graph's entry (`KernelCache.add_extra`)
+AUTOTUNE_FILE = "autotune.json"
+
+
 @dataclass
 class CacheEntry:
     key: str
@@ -81,6 +85,14 @@ class CacheEntry:
         """An extra file stored with `KernelCache.add_extra` (autotune winners...), or None."""
         file = self.meta.get("extras", {}).get(name)
         return None if file is None else (self.path / file).read_bytes()
+
+    def autotune_winners(self) -> dict:
+        """The GEMM autotuner's winners ({"kernel/bucket": tile}) stored in this entry, {} if none."""
+        try:
+            data = json.loads(self.extra(AUTOTUNE_FILE) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return data.get("winners", {}) if isinstance(data, dict) else {}
 
 
 class KernelCache:
@@ -222,34 +234,6 @@ class KernelCache:
 
     # -- management (the `flagtree cache` command) ---------------------------------------------
 
-    def store_json(self, key: str, name: str, data: dict) -> bool:
-        """Add (or replace) a JSON file `name` in an existing entry, listed with its hash like the
-        module (autotuning winners, found after the entry was stored). False if it could not."""
-        if name in (MODULE_FILE, META_FILE) or not _FILE_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} cannot be an extra file of a cache entry")
-        path = self.entry_path(key)
-        try:
-            meta = json.loads((path / META_FILE).read_text())
-            payload = json.dumps(data, indent=1, sort_keys=True).encode()
-            scratch = path / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-            scratch.write_bytes(payload)
-            os.replace(scratch, path / name)
-            meta["files"] = {**meta["files"], name: _sha256(payload)}
-            self._write_json(path / META_FILE, meta)
-            return True
-        except (OSError, ValueError, KeyError) as error:
-            self._degrade(error)
-            return False
-
-    def load_json(self, entry: CacheEntry, name: str) -> dict:
-        """A JSON file of the entry, {} when it has none (verify() checked its hash on load)."""
-        if name not in entry.meta.get("files", {}):
-            return {}
-        try:
-            return json.loads((entry.path / name).read_text())
-        except (OSError, ValueError):
-            return {}
-
     def entries(self) -> Iterator[tuple[CacheEntry, int]]:
         """Every entry, intact or not, as (entry, size in bytes); an unreadable meta.json reads as {}.
 
@@ -284,14 +268,7 @@ class KernelCache:
         process ever loads a half-deleted one."""
         if not _KEY.fullmatch(key):
             raise ValueError(f"not a cache key: {key!r}")
-        path = self.entry_path(key)
-        doomed = path.with_name(f".tmp-rm-{uuid.uuid4().hex[:8]}-{key}")
-        try:
-            os.rename(path, doomed)
-        except FileNotFoundError:
-            return False
-        shutil.rmtree(doomed, ignore_errors=True)
-        return True
+        return remove_directory(self.entry_path(key))
 
     def evict(self, max_bytes: int) -> list[str]:
         """Remove least recently used entries until the cache holds at most `max_bytes`; returns the

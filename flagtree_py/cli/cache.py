@@ -318,21 +318,11 @@ def describe_entry(entry, size: int, problem: str | None, now: float, colour: bo
                  " ".join(k.get("nodes", []))] for k in kernels]
         text += [f"  {line}" for line in format_table(["name", "kind", "group", "launch config", "nodes"], rows
                                                       ).splitlines()]
-    winners = _autotune_winners(entry)
+    winners = entry.autotune_winners()
     if winners:
         text += ["", "autotuned GEMM tiles (kernel/M bucket: winner)"]
         text += [f"  {name}: {_config(config)}" for name, config in sorted(winners.items())]
     return "\n".join(text)
-
-
-def _autotune_winners(entry) -> dict:
-    """The GEMM autotuner's winners stored in the entry (pipeline.WINNERS_FILE), if any."""
-    if "autotune.json" not in entry.meta.get("files", {}):
-        return {}
-    try:
-        return json.loads((entry.path / "autotune.json").read_text()).get("winners", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 def _pass_order(passes: dict):

@@ -3,6 +3,7 @@ stderr, colour on a terminal, installed versions."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -107,3 +108,22 @@ _COLOURS = {"red": 31, "green": 32, "yellow": 33, "bold": 1, "dim": 2}
 def paint(text: str, colour: str, enabled: bool) -> str:
     """`text` in an ANSI colour when `enabled`, else unchanged."""
     return f"\033[{_COLOURS[colour]}m{text}\033[0m" if enabled else text
+
+
+def number_argument(convert, accept, expected: str):
+    """An argparse `type`: `convert(text)` when `accept` takes the value, else a usage error naming `expected`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number_argument(int, lambda value: value >= 1, "a positive integer")
+fraction = number_argument(float, lambda value: 0.0 <= value <= 1.0, "a fraction between 0 and 1")
+non_negative_float = number_argument(float, lambda value: value >= 0.0, "a number >= 0")

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 from flagtree_py import __version__ as flagtree_version
-from flagtree_py.cli.common import Progress, error
+from flagtree_py.cli.common import Progress, error, positive_int
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,8 +40,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--preset", default="qwen3",
                         help="model preset (default: qwen3); an unknown name lists the known ones")
-    parser.add_argument("--tokens", type=_positive_int, default=8, help="tokens to generate (default: 8)")
-    parser.add_argument("--prompt-length", type=_positive_int, default=12, help="random prompt length (default: 12)")
+    parser.add_argument("--tokens", type=positive_int, default=8, help="tokens to generate (default: 8)")
+    parser.add_argument("--prompt-length", type=positive_int, default=12, help="random prompt length (default: 12)")
     parser.add_argument(
         "--target",
         type=_target_name,
@@ -59,16 +59,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default: 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     parser.set_defaults(run=run, prog=parser.prog)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _target_name(text: str) -> str:

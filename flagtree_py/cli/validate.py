@@ -15,8 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from flagtree_py.cli.common import Progress, error, format_table
-from flagtree_py.cli.demo import _compile_facts, _positive_int, _target_name, _versions
+from flagtree_py.cli.common import Progress, error, format_table, fraction, non_negative_float, positive_int
+from flagtree_py.cli.demo import _compile_facts, _target_name, _versions
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -48,45 +48,25 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="build the preset's tiny random-weight configuration (CPU-sized); without it a preset "
                         "is built at its real shapes with random weights, which needs a CUDA GPU")
-    parser.add_argument("--layers", type=_positive_int, default=None,
+    parser.add_argument("--layers", type=positive_int, default=None,
                         help="keep only the first N decoder layers (presets only; real shapes are large)")
     parser.add_argument("--target", type=_target_name, default="auto",
                         help="auto (from the device; the default), interpreter, nvidia, metax, iluvatar, or a name "
                         "from `flagtree targets`")
     parser.add_argument("--prompts", type=Path, default=None,
                         help="a UTF-8 text file, one prompt per non-empty line (default: three built-in prompts)")
-    parser.add_argument("--tokens", type=_positive_int, default=64,
+    parser.add_argument("--tokens", type=positive_int, default=64,
                         help="greedy tokens to generate per prompt (default: 64)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights and activations (default: float32 on the CPU, bfloat16 on a GPU)")
-    parser.add_argument("--min-top1", type=_fraction, default=0.999,
+    parser.add_argument("--min-top1", type=fraction, default=0.999,
                         help="exit 1 when top-1 agreement over all positions is below this (0..1; default 0.999)")
-    parser.add_argument("--max-kernel-error", type=_non_negative_float, default=None,
+    parser.add_argument("--max-kernel-error", type=non_negative_float, default=None,
                         help="exit 1 when a kernel's error relative to its aten twin exceeds this (default by "
                         "dtype: " + ", ".join(f"{k} {v:g}" for k, v in KERNEL_TOLERANCE.items()) + ")")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights (default: 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(run=run, prog=parser.prog)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

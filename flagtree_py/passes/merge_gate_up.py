@@ -6,22 +6,15 @@ from __future__ import annotations
 import torch.fx
 
 from flagtree_py.passes import PassContext
-from flagtree_py.passes.patterns import CASTS, VIEW_OPS, aten, is_op, other_operand, single_user
+from flagtree_py.passes.patterns import CASTS, VIEW_OPS, aten, is_op, other_operand, single_user, through_views
 from flagtree_py.passes.projections import find_projections, merge
 
 _THROUGH = (*VIEW_OPS, *CASTS, aten.slice.Tensor)
 
 
 def readers(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The users of `node` looking through views and casts: the ops that compute with it."""
-    found, stack = [], list(node.users)
-    while stack:
-        user = stack.pop()
-        if is_op(user, *_THROUGH):
-            stack.extend(user.users)
-        else:
-            found.append(user)
-    return found
+    """The users of `node` looking through views, casts and slices: the ops that compute with it."""
+    return through_views(node, _THROUGH)
 
 
 def _swiglu_product(gate: torch.fx.Node) -> torch.fx.Node | None:

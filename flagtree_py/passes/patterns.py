@@ -106,9 +106,7 @@ def match_rms_norm(rsqrt: torch.fx.Node) -> dict | None:
     if list(mean.args[1]) not in ([-1], [ndim - 1]) or not (len(mean.args) > 2 and mean.args[2]):
         return None
     square = mean.args[0]
-    if is_op(square, aten.pow.Tensor_Scalar) and square.args[1] == 2:
-        x = square.args[0]
-    elif is_op(square, aten.mul.Tensor) and square.args[0] is square.args[1]:
+    if is_op(square, aten.pow.Tensor_Scalar) and square.args[1] == 2 or is_op(square, aten.mul.Tensor) and square.args[0] is square.args[1]:
         x = square.args[0]
     else:
         return None
@@ -139,12 +137,12 @@ def _is_scalar(value) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 0 and val.dtype.is_floating_point
 
 
-def through_views(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The users of `node`, looking through view-like ops."""
+def through_views(node: torch.fx.Node, through: tuple = VIEW_OPS) -> list[torch.fx.Node]:
+    """The users of `node`, looking through view-like ops (or the ops in `through`)."""
     found, stack = [], list(node.users)
     while stack:
         user = stack.pop()
-        if is_op(user, *VIEW_OPS):
+        if is_op(user, *through):
             stack.extend(user.users)
         else:
             found.append(user)

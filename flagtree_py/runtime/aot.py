@@ -137,12 +137,12 @@ class ContentBinaries:
         self.lookups: dict[str, dict] = {}
 
     def find(self, name: str, fn, args: tuple, meta: dict) -> BinaryKernel | None:
-        # every launch asks: the memo's key is cheap (dtypes and integer widths, not the signature)
-        widths = tuple(a.dtype if isinstance(a, torch.Tensor) else
-                       ("i32" if _I32[0] <= a < _I32[1] else "i64") if isinstance(a, int) else type(a) for a in args)
-        memo = (name, widths, tuple(sorted(meta.items())))
+        # every launch asks, so the memo is per (kernel, meta) alone: a generated kernel's pointer dtypes
+        # are fixed by its graph, and the binary's `accepts` checks the integer widths it was built for
+        memo = (name, tuple(meta.items()))
         if memo in self._found:
-            return self._found[memo]
+            binary = self._found[memo]
+            return binary if binary is not None and binary.accepts(args, meta) else None
         from flagtree_py.cache.binaries import binary_key, kernel_source
 
         signature = launch_signature(args, meta)

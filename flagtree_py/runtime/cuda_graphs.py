@@ -127,10 +127,10 @@ class CudaGraphRunner:
 
     def __call__(self, args: list) -> list:
         args = list(args)  # the generated call clears the list it gets; keep our own
-        reason = self._why_not(args)
+        key = bucket_key(args)
+        reason = self._why_not(args, key)
         if reason is not None:
             return self._eager(args, reason)
-        key = bucket_key(args)
         bucket = self.buckets.get(key)
         if bucket is None:
             self.buckets[key] = _Bucket(warm_pointers=_pointers(args))
@@ -158,7 +158,7 @@ class CudaGraphRunner:
                 return self._eager(args, bucket.failed)
         return self._replay(captured, args)
 
-    def _why_not(self, args: list) -> str | None:
+    def _why_not(self, args: list, key: tuple) -> str | None:
         for value in args:
             if isinstance(value, torch.Tensor) and value.device.type != self.device and value.dim() > 0:
                 return f"a {value.device.type} tensor input"
@@ -167,7 +167,7 @@ class CudaGraphRunner:
                 value = args[index] if dim is None else args[index].shape[dim]
                 if int(value) not in self.sizes:
                     return f"dynamic size {int(value)} outside cuda_graph_sizes"
-        if bucket_key(args) not in self.buckets and len(self.buckets) >= self.max_buckets:
+        if key not in self.buckets and len(self.buckets) >= self.max_buckets:
             return f"more than {self.max_buckets} shape buckets"
         return None
 

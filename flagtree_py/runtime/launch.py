@@ -37,6 +37,8 @@ class GuardedKernel:
         self.on_compile = on_compile  # called once per Triton compile of this kernel
         # runtime/aot.py ContentBinaries: binaries found by content, asked before any JIT compile
         self.content_binaries = content_binaries
+        self.tuner = None  # GEMM kernels: runtime/autotune.py chooses their tile per M bucket
+        self.candidates: dict | None = None
         self.compiles = 0
         if not interpreted:
             _count_triton_compiles(self)
@@ -46,8 +48,6 @@ class GuardedKernel:
         counters["triton_compiles"] += 1
         if self.on_compile is not None:
             self.on_compile(self.name)
-        self.tuner = None  # GEMM kernels: runtime/autotune.py chooses their tile per M bucket
-        self.candidates: dict | None = None
 
     def launch_unguarded(self, grid, args, meta) -> None:
         """Launch with no fallback: the autotuner's trial of a tile, whose failure rejects the tile."""

@@ -144,3 +144,23 @@ def check_aten_graph(tmp_path: Path):
         return record
 
     return check
+
+
+@pytest.fixture
+def compile_with_target(monkeypatch: pytest.MonkeyPatch):
+    """`compile_with_target(target, fn, *inputs) -> (out, record)`: compile and run `fn` with flagtree for a
+    TargetSpec that need not be registered (a variant of a real one, e.g. with less shared memory)."""
+    from flagtree_py import targets
+
+    def compile_with(target, fn, *inputs):
+        registered = dict(targets.registered_targets())
+        registered[target.name] = target
+        monkeypatch.setattr(targets, "registered_targets", lambda: registered)
+        torch._dynamo.reset()
+        flagtree_py.clear_report()
+        with torch.no_grad():
+            out = torch.compile(fn, backend="flagtree", options={"target": target.name, "cache": False})(*inputs)
+        (record,) = flagtree_py.report()
+        return out, record
+
+    return compile_with

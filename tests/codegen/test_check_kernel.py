@@ -72,29 +72,12 @@ def test_every_in_tree_target_passes_its_checks_on_the_generated_kernels(dynamic
         torch.testing.assert_close(out, fn(x, w), rtol=1e-5, atol=1e-5)
 
 
-def _compile_with(target, fn, *inputs):
-    from flagtree_py import targets
-
-    registered = dict(targets.registered_targets())
-    registered[target.name] = target
-    original = targets.registered_targets
-    targets.registered_targets = lambda: registered
-    try:
-        torch._dynamo.reset()
-        flagtree_py.clear_report()
-        out = torch.compile(fn, backend="flagtree", options={"target": target.name, "cache": False})(*inputs)
-    finally:
-        targets.registered_targets = original
-    (record,) = flagtree_py.report()
-    return out, record
-
-
-def test_reduction_over_the_shared_memory_limit_is_re_lowered_with_fewer_rows():
+def test_reduction_over_the_shared_memory_limit_is_re_lowered_with_fewer_rows(compile_with_target):
     # a 2 KiB chip: the table's XBLOCK for rows of 128 does not fit; halving rows until it does
     small = dataclasses.replace(get_target("metax"), name="tiny-smem", shared_memory_per_block=2048)
     fn = lambda x: x.softmax(-1)
     x = torch.randn(40, 128)
-    out, record = _compile_with(small, fn, x)
+    out, record = compile_with_target(small, fn, x)
     assert record["kernel_checks"], "expected a re-lowered kernel"
     for check in record["kernel_checks"]:
         assert check["action"].startswith("re-lowered") and "shared_memory" in check["problems"][0]
@@ -104,12 +87,12 @@ def test_reduction_over_the_shared_memory_limit_is_re_lowered_with_fewer_rows():
     torch.testing.assert_close(out, fn(x), rtol=1e-5, atol=1e-6)
 
 
-def test_persistent_reduction_too_wide_for_the_chip_is_re_lowered_as_a_looped_one():
+def test_persistent_reduction_too_wide_for_the_chip_is_re_lowered_as_a_looped_one(compile_with_target):
     # rows of 1024 fp32 need 4 KiB in one block; a 2 KiB chip gets a looped reduction with smaller chunks
     small = dataclasses.replace(get_target("metax"), name="tiny-smem", shared_memory_per_block=2048)
     fn = lambda x: x - x.amax(-1, keepdim=True)
     x = torch.randn(6, 1024)
-    out, record = _compile_with(small, fn, x)
+    out, record = compile_with_target(small, fn, x)
     (check,) = record["kernel_checks"]
     assert check["action"].startswith("re-lowered looped, ") and "shared_memory" in check["problems"][0]
     (kernel,) = record["kernels"]
@@ -118,7 +101,7 @@ def test_persistent_reduction_too_wide_for_the_chip_is_re_lowered_as_a_looped_on
     torch.testing.assert_close(out, fn(x))
 
 
-def test_kernel_using_an_api_the_target_lacks_falls_back_to_aten(tmp_path):
+def test_kernel_using_an_api_the_target_lacks_falls_back_to_aten(tmp_path, compile_with_target):
     # a vendor variant written for a newer Triton than its target accepts: never built, aten runs it
     (tmp_path / "pointwise.py.jinja").write_text(
         "@triton.jit\ndef {{ k.name }}({{ k.arguments | join(', ') }}, XBLOCK: tl.constexpr):\n"
@@ -126,7 +109,7 @@ def test_kernel_using_an_api_the_target_lacks_falls_back_to_aten(tmp_path):
     old = dataclasses.replace(get_target("iluvatar"), name="old-language", template_dir=str(tmp_path))
     fn = lambda x: torch.sigmoid(x) * 3
     x = torch.randn(33)
-    out, record = _compile_with(old, fn, x)
+    out, record = compile_with_target(old, fn, x)
     assert record["triton_kernels"] == 0
     (check,) = record["kernel_checks"]
     assert check["action"] == "aten fallback" and "tl.assume needs Triton 3.3" in check["problems"][0]
