@@ -97,6 +97,22 @@ def remove_directory(path: Path) -> bool:
     return True
 
 
+def place_directory(final: Path, files: dict[str, bytes | str], replace: bool) -> None:
+    """Write `files` into a scratch directory beside `final`, then rename it into place: a reader sees the
+    whole directory or none. `replace`: what is at `final` (a damaged one) is removed first; otherwise, or
+    when another process placed one meanwhile, theirs is kept and ours discarded."""
+    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{uuid.uuid4().hex[:8]}-", dir=final.parent))
+    for name, data in files.items():
+        (scratch / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    if replace and final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(scratch, final)
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 class BinaryStore:
     """The content-addressed binaries of one cache directory."""
 
@@ -115,24 +131,12 @@ class BinaryStore:
         final = self.path(key)
         if final.exists() and self.verify(key) is None:
             return final
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{uuid.uuid4().hex[:8]}-", dir=self.directory))
         names = {kind: f"kernel.{kind}" for kind in files if kind in _KINDS}
-        for kind, name in names.items():
-            (scratch / name).write_bytes(files[kind])
         meta = {"key": key, "kernel": kernel, "arch": arch, "triton": triton_version, "signature": signature,
                 "files": {name: hashlib.sha256(files[kind]).hexdigest() for kind, name in names.items()},
                 "kinds": names, "created": time.time(), "source": source}
-        (scratch / BINARY_META).write_text(json.dumps(meta, indent=1))
-        return self._place(scratch, final, key)
-
-    def _place(self, scratch: Path, final: Path, key: str) -> Path:
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)  # damaged: replace it
-        try:
-            os.rename(scratch, final)
-        except OSError:
-            shutil.rmtree(scratch, ignore_errors=True)  # another process stored it first
+        place_directory(final, {**{name: files[kind] for kind, name in names.items()},
+                                BINARY_META: json.dumps(meta, indent=1)}, replace=True)  # damaged: replaced
         return final
 
     def meta(self, key: str) -> dict | None:
@@ -208,10 +212,6 @@ class BinaryStore:
         final = self.path(key)
         if final.exists() and self.verify(key) is None:
             return "kept", "an intact binary is already in the cache"
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{uuid.uuid4().hex[:8]}-", dir=self.directory))
-        for name, data in files.items():
-            (scratch / name).write_bytes(data)
-        self._place(scratch, final, key)
+        place_directory(final, files, replace=True)  # damaged: replaced
         problem = self.verify(key)
         return ("imported", None) if problem is None else ("refused", problem)

@@ -18,10 +18,8 @@ import io
 import json
 import os
 import re
-import shutil
 import stat
 import tarfile
-import tempfile
 import time
 import uuid
 import warnings
@@ -29,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flagtree_py.cache.binaries import BINARIES_DIR, BinaryStore, remove_directory
+from flagtree_py.cache.binaries import BINARIES_DIR, BinaryStore, place_directory, remove_directory
 
 MODULE_FILE = "module.py"
 META_FILE = "meta.json"
@@ -153,20 +151,13 @@ class KernelCache:
         try:
             self._check_directory()
             final = self.entry_path(key)
-            final.parent.mkdir(mode=0o700, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{uuid.uuid4().hex[:8]}-", dir=final.parent))
             data = module_source.encode()
-            (scratch / MODULE_FILE).write_bytes(data)
             now = time.time()
             meta = {**meta, "key": key, "files": {MODULE_FILE: _sha256(data)}, "created": now,
                     "last_used": now, "hits": 0}
-            (scratch / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
-            if final.exists() and self.verify(key) is not None:
-                shutil.rmtree(final, ignore_errors=True)  # a corrupted entry: replace it
-            try:
-                os.rename(scratch, final)
-            except OSError:
-                shutil.rmtree(scratch, ignore_errors=True)  # another process stored it first
+            # a corrupted entry is replaced; an intact one (another process stored it first) is kept
+            place_directory(final, {MODULE_FILE: data, META_FILE: json.dumps(meta, indent=1, default=str)},
+                            replace=final.exists() and self.verify(key) is not None)
             return CacheEntry(key, final, json.loads((final / META_FILE).read_text()))
         except (OSError, CacheRefused) as error:
             self._degrade(error)
@@ -353,17 +344,8 @@ class KernelCache:
                 continue
             now = time.time()
             meta = {**meta, "key": key, "hits": 0, "last_used": now, "imported": now}
-            final.parent.mkdir(mode=0o700, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{uuid.uuid4().hex[:8]}-", dir=final.parent))
-            for name in meta["files"]:
-                (scratch / name).write_bytes(files[name])
-            (scratch / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)  # damaged: replace it
-            try:
-                os.rename(scratch, final)
-            except OSError:
-                shutil.rmtree(scratch, ignore_errors=True)  # another process stored it first
+            place_directory(final, {**{name: files[name] for name in meta["files"]},
+                                    META_FILE: json.dumps(meta, indent=1, default=str)}, replace=True)  # damaged
             problem = self.verify(key)
             outcomes.append((key, "imported", None) if problem is None else (key, "refused", problem))
         return outcomes
