@@ -147,12 +147,15 @@ class Decoder:
             return self.forward(ids, positions)
 
 
-def compile_for(mode: str, fn, args):
+def compile_for(mode: str, fn, args, cuda_graphs: bool = True):
+    """`cuda_graphs`: flagtree replays decode steps from CUDA graphs on the GPU (not for the prefill
+    lengths of the recompile count, where every length would be a captured bucket)."""
     if mode == "eager":
         return fn
     if mode == "flagtree":
         target = "interpreter" if args.smoke else "auto"
-        return torch.compile(fn, backend="flagtree", options={"target": target})
+        graphs = cuda_graphs and not args.smoke
+        return torch.compile(fn, backend="flagtree", options={"target": target, "cuda_graphs": graphs})
     return torch.compile(fn, mode=mode)
 
 
@@ -260,6 +263,9 @@ def _flagtree_summary(records: list[dict]) -> dict:
         "kernel_failures": [f for r in records for f in r.get("kernel_failures", [])][:5],
         "extern_ops": sorted({op for r in records for op in r.get("extern_ops", [])}),
         "flagtree_compile_s": round(sum(r.get("compile_s", 0.0) for r in records), 3),
+        "cuda_graphs": [r.get("cuda_graphs") for r in records],
+        "cuda_graph_counts": [dict(r.get("cuda_graph_counts", {})) for r in records],
+        "cuda_graph_skips": [r.get("cuda_graph_skips") for r in records if r.get("cuda_graph_skips")],
     }
 
 
@@ -311,7 +317,7 @@ def recompiles(args, device: str) -> dict:
     lm, _ = build(args, args.recompile_layers)
     lengths = args.length_list
     decoder = Decoder(lm, 1, max(lengths) + 1, device)
-    step = compile_for("flagtree", decoder.forward, args)
+    step = compile_for("flagtree", decoder.forward, args, cuda_graphs=False)
     from torch._dynamo.utils import counters
 
     new_graph_at, per_length = [], []

@@ -284,6 +284,8 @@ def run_case(case: Case, args, bandwidth: float) -> dict:
                 entry["tflops"] = round(flops / (ms / 1e3) / 1e12, 2)
                 if mode == "flagtree":
                     entry["flagtree"] = summarize(flagtree_py.report())
+                if args.profile and not args.smoke and mode in ("flagtree", "inductor", "eager_cuda_graph"):
+                    entry["kernels_per_call"] = profile_kernels(fn)
             except Exception as error:  # noqa: BLE001  (one failing mode must not stop the run)
                 entry["error"] = f"{type(error).__name__}: {str(error)[:500]}"
                 entry["traceback"] = traceback.format_exc()[-2000:]
@@ -295,6 +297,27 @@ def run_case(case: Case, args, bandwidth: float) -> dict:
     if not args.smoke:
         torch.cuda.empty_cache()
     return result
+
+
+def profile_kernels(fn, calls: int = 20) -> list[dict]:
+    """GPU time per call of each kernel (torch.profiler, CUPTI), largest first: where a mode's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = event.self_cuda_time_total
+        if device_us > 0:
+            rows.append({"kernel": event.key[:120], "us_per_call": round(device_us / calls, 2),
+                         "launches_per_call": round(event.count / calls, 2)})
+    rows.sort(key=lambda row: -row["us_per_call"])
+    total = round(sum(row["us_per_call"] for row in rows), 2)
+    return [{"kernel": "(all kernels)", "us_per_call": total}] + rows[:25]
 
 
 def summarize(records: list[dict]) -> dict:
@@ -344,6 +367,8 @@ def main() -> None:
                         help="which cases run Inductor max-autotune (slow to compile); default: the issue's anchors")
     parser.add_argument("--moe-experts", default="grouped_mm",
                         help="transformers experts implementation for Qwen3-MoE (batched_mm gathers weights per token)")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: record each kernel's time per call (torch.profiler) for flagtree, Inductor, eager+graph")
     parser.add_argument("--cases", default="", help="comma-separated substrings: run only matching cases")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -37,6 +37,7 @@ from flagtree_py.codegen.wrapper import ModuleWriter, mutates_first_argument
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
 from flagtree_py.passes.decompose_batched_gemv import decompose_batched_gemv
+from flagtree_py.passes.decompose_rank1_matmul import decompose_rank1_matmul
 from flagtree_py.passes.decompose_split import decompose_split
 from flagtree_py.passes.decompose_vllm_rotary import decompose_vllm_rotary
 from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
@@ -70,6 +71,7 @@ CANONICALIZE = [
     eliminate_common_subexpressions,
     decompose_split,  # split pieces become slices: views that kernels fold
     decompose_batched_gemv,  # MoE batched_mm: expert GEMVs as reductions that read W[ids] in place
+    decompose_rank1_matmul,  # K = 1 matmuls (rotary angles) -> broadcast multiplies
     remove_noop_views,
     eliminate_dead_code,
 ]

@@ -24,6 +24,7 @@ import torch.fx
 
 from flagtree_py.codegen import indexing
 from flagtree_py.codegen.check_kernel import check_language, check_resources
+from flagtree_py.codegen.types import dot_forms
 
 #: most query rows (q heads per K/V head x query positions) that take the decode path
 DECODE_MAX_ROWS = 64
@@ -67,6 +68,7 @@ class AttentionKernel:
     mask: str  # "none" | "additive" | "bool"
     causal: bool
     dot_precision: str  # ', input_precision="ieee"' for fp32 (no TF32), else ""
+    dot_cast: str  # ".to(tl.float32)" where the target cannot multiply the operands' dtype
     comment: list[str] = field(default_factory=list)
 
     @property
@@ -161,8 +163,8 @@ class AttentionWriter:
         from flagtree_py.codegen.wrapper import KernelRecord, render_template
 
         name = f"k_attention{len(self.kernels)}_{path}"
-        precision = ', input_precision="ieee"' if dtype == torch.float32 else ""
-        kernel = AttentionKernel(name, path, mask_kind, causal, precision, comment=[f"computes: {node.name}"])
+        cast, precision = dot_forms(dtype, self.writer.target)
+        kernel = AttentionKernel(name, path, mask_kind, causal, precision, cast, comment=[f"computes: {node.name}"])
         source = render_template(f"attention_{path}.py.jinja", self.writer.target, a=kernel)
         # the language level (APIs, features) does not depend on the tile: checked once per source
         problems = [str(p) for p in check_language(ast.parse(source), self.writer.target)]

@@ -15,7 +15,7 @@ Operands are read in place through the strides of their views: a transposed weig
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 import torch
@@ -25,7 +25,7 @@ from flagtree_py.codegen import indexing
 from flagtree_py.codegen.check_kernel import KernelCheckFailed, passing_configs
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import _PLACEHOLDER, KernelBuilder
-from flagtree_py.codegen.types import Value, compute_dtype, triton_dtype
+from flagtree_py.codegen.types import Value, compute_dtype, dot_forms, triton_dtype
 from flagtree_py.targets.base import GEMM_BUCKETS, GemmConfig
 
 aten = torch.ops.aten
@@ -111,6 +111,7 @@ class GemmSpec:
     stride_bk: str
     stride_bn: str
     offsets: list[int]
+    dot_cast: str
     dot_options: str
     epilogue: list[str]
     index_dtype: str
@@ -127,9 +128,10 @@ class GemmSpec:
 class GemmEpilogueBuilder(KernelBuilder):
     """A `KernelBuilder` whose iteration space is one GEMM output tile, not a flat block."""
 
-    def __init__(self, group, buffers, lowerings, views, device_type: str, gemm: GemmOperands) -> None:
+    def __init__(self, group, buffers, lowerings, views, device_type: str, gemm: GemmOperands, target) -> None:
         super().__init__(group, buffers, lowerings, views, 1, device_type)
         self.gemm = gemm
+        self.target = target
         self.m_var: sympy.Symbol | None = None
         self.n_var: sympy.Symbol | None = None
         self.offsets: list[int] = []  # B column offset of each accumulator
@@ -233,8 +235,7 @@ class GemmEpilogueBuilder(KernelBuilder):
         pointers = dict.fromkeys([a_ptr, b_ptr])
         wrapper_name = {pointer: buffer for buffer, pointer in self.inputs.items()}
         unspecialized = [scalar for scalar, dtype in self.scalars.values() if not dtype.is_floating_point] + symbols
-        # fp32 operands: full-precision products, as eager's fp32 mm (Triton would use TF32)
-        dot_options = ', input_precision="ieee"' if self.gemm.node.meta["val"].dtype == torch.float32 else ""
+        dot_cast, dot_options = dot_forms(self.gemm.node.meta["val"].dtype, self.target)
         return GemmSpec(
             name=name, arguments=arguments, launch_args=launch,
             partial_arguments=[*pointers, "workspace", *symbols],
@@ -242,7 +243,7 @@ class GemmEpilogueBuilder(KernelBuilder):
             a_ptr=a_ptr, b_ptr=b_ptr, m=pexpr(m), n=pexpr(n), k=self.gemm.k,
             a_offset=pexpr(layout[0]), stride_am=pexpr(layout[1]), stride_ak=pexpr(layout[2]),
             b_offset=pexpr(layout[3]), stride_bk=pexpr(layout[4]), stride_bn=pexpr(layout[5]),
-            offsets=list(self.offsets), dot_options=dot_options, epilogue=lines, index_dtype=index_dtype,
+            offsets=list(self.offsets), dot_cast=dot_cast, dot_options=dot_options, epilogue=lines, index_dtype=index_dtype,
             symbols=symbols, unspecialized=unspecialized, partial_unspecialized=symbols, comment=comment,
             m_expr=m, n_expr=n,
         )
@@ -252,7 +253,10 @@ def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list
     """Launch parameters per M bucket, the heuristic one first: the target's tiles that fit it.
 
     Decode tiles share one SPLIT_K (the workspace and the reduce kernel depend on it): the
-    heuristic tile's, no larger than the number of BLOCK_K steps in K.
+    target's choice for the heuristic tile (`TargetSpec.decode_split`). A decode program reads
+    BLOCK_N weight columns per accumulator: with SwiGLU's two, the tile's BLOCK_N is halved so a
+    program streams as many weight bytes as in a plain GEMM. A split of 1 needs no partial sums:
+    the bucket then runs the tiled kernel (one launch, no workspace) with the decode tiles.
     """
     element = torch.empty((), dtype=dtype).element_size()
     accumulators = len(spec.offsets)
@@ -260,11 +264,19 @@ def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list
     for bucket, _ in GEMM_BUCKETS:
         tiles: list[GemmConfig] = target.gemm_candidates(bucket, element, accumulators)
         if bucket == "m16":
-            split = max(1, min(tiles[0].SPLIT_K, -(-spec.k // tiles[0].BLOCK_K)))
-            configs[bucket] = [_meta(target, t) | {"SPLIT_K": split} for t in tiles]
+            tiles = [replace(t, BLOCK_N=max(16, t.BLOCK_N // accumulators)) for t in tiles]
+            n = int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
+            split = target.decode_split(tiles[0], n, spec.k)
+            extra = {"SPLIT_K": split} if split > 1 else {"GROUP_M": GROUP_M}
+            configs[bucket] = [_meta(target, t) | extra for t in tiles]
         else:
             configs[bucket] = [_meta(target, t) | {"GROUP_M": GROUP_M} for t in tiles]
     return configs
+
+
+def is_split(metas: list[dict]) -> bool:
+    """Whether a bucket's launch parameters are the split-K pair's (else the tiled kernel's)."""
+    return "SPLIT_K" in metas[0]
 
 
 def checked_configs(target, source: str, spec: GemmSpec, configs: dict[str, list[dict]], dtype: torch.dtype,
@@ -277,7 +289,7 @@ def checked_configs(target, source: str, spec: GemmSpec, configs: dict[str, list
     extra = {"kind": "gemm", "element_bytes": torch.empty((), dtype=dtype).element_size()}
     kept, problems = {}, []
     for bucket, metas in configs.items():
-        if (bucket == "m16" and not spec.split) or (bucket != "m16" and not spec.tiled):
+        if (is_split(metas) and not spec.split) or (not is_split(metas) and not spec.tiled):
             kept[bucket] = metas  # a bucket this graph's M never takes: not rendered, not launched
             continue
         passing, first, source_fault = passing_configs(source, metas, target, extra)
@@ -316,8 +328,8 @@ def launch_lines(spec: GemmSpec, configs: dict, m: str, n: str, device: str, red
         branches.append((bucket, limit))
         if m_value is not None:
             break
-    spec.split = any(bucket == "m16" for bucket, _ in branches)
-    spec.tiled = any(bucket != "m16" for bucket, _ in branches)
+    spec.split = any(is_split(configs[bucket]) for bucket, _ in branches)
+    spec.tiled = any(not is_split(configs[bucket]) for bucket, _ in branches)
     lines, names = [], []
     for position, (bucket, limit) in enumerate(branches):
         body = _bucket_body(spec, bucket, configs[bucket][0], m, n, device, reduce_warps)
@@ -338,7 +350,7 @@ def _bucket_body(spec: GemmSpec, bucket: str, meta: dict, m: str, n: str, device
     def keywords(values: dict) -> str:
         return ", ".join(f"{key}={value}" for key, value in values.items())
 
-    if bucket != "m16":
+    if "SPLIT_K" not in meta:
         return [f"run_gemm({spec.name}, {bucket!r}, GemmGrid({m}, {n}), {', '.join(spec.launch_args)}, {keywords(meta)})"]
     split = meta["SPLIT_K"]
     shape = f"({split}, {len(spec.offsets)}, {m}, {n})"
@@ -390,7 +402,7 @@ def lower_gemm_group(writer, group, buffers: dict, views: set, lowerings: dict) 
         gemm = gemm_operands(group.gemm, writer.kinds)
         if gemm is None or gemm.a_base not in buffers or gemm.b_base not in buffers:
             raise LoweringError(f"{group.gemm.name} is not a form the GEMM template takes")
-        builder = GemmEpilogueBuilder(group, buffers, lowerings, views, writer.device_type, gemm)
+        builder = GemmEpilogueBuilder(group, buffers, lowerings, views, writer.device_type, gemm, writer.target)
         for node in [gemm.a_base, gemm.b_base, *externals]:
             builder.add_input(node, buffers[node])
         builder.symbols |= writer._subgraph_symbols(subgraph)
@@ -425,9 +437,9 @@ def lower_gemm_group(writer, group, buffers: dict, views: set, lowerings: dict) 
         sections += [partial_fallback_source(spec, gemm), reduce_fallback_source(spec)]
     tuning = {}
     if spec.tiled:
-        tuning[spec.name] = {b: c for b, c in configs.items() if b != "m16"}
+        tuning[spec.name] = {b: c for b, c in configs.items() if not is_split(c)}
     if spec.split:
-        tuning[f"{spec.name}_partial"] = {"m16": configs["m16"]}
+        tuning[f"{spec.name}_partial"] = {b: c for b, c in configs.items() if is_split(c)}
     sections.append("\n".join(f"{name}_candidates = {value!r}" for name, value in tuning.items()))
     members = [node.name for node in group.ordered_members()]
     for name in names:

@@ -31,6 +31,24 @@ def triton_dtype(dtype: torch.dtype) -> str:
         raise LoweringError(f"dtype {dtype} has no Triton equivalent here") from None
 
 
+_SHORT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def dot_forms(dtype: torch.dtype, target) -> tuple[str, str]:
+    """(operand cast, tl.dot options) for a dot of `dtype` operands on `target`.
+
+    fp32 operands get full-precision products, as eager's fp32 mm (Triton would use TF32). Operands
+    the target cannot multiply (`TargetSpec.dot_dtypes`: Triton's interpreter has no bf16 dot) are
+    widened to fp32 in the kernel: a bf16 x bf16 product is exact in fp32, so only the order of the
+    fp32 accumulation differs from a bf16 dot.
+    """
+    if dtype == torch.float32:
+        return "", ', input_precision="ieee"'
+    if _SHORT_NAMES.get(dtype) not in target.dot_dtypes:
+        return ".to(tl.float32)", ', input_precision="ieee"'
+    return "", ""
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16/bf16 values are loaded, then computed in fp32 (also what Triton's interpreter needs)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from flagtree_py.passes import PassContext
+from flagtree_py.passes.patterns import is_static_one
 
 aten = torch.ops.aten
 
@@ -25,7 +26,7 @@ def decompose_batched_gemv(graph: torch.fx.Graph, ctx: PassContext) -> bool:
             continue
         a, x = node.args
         val, a_val, x_val = node.meta.get("val"), a.meta.get("val"), x.meta.get("val")
-        if not all(isinstance(v, torch.Tensor) for v in (val, a_val, x_val)) or not _static_one(val.shape[-1]):
+        if not all(isinstance(v, torch.Tensor) for v in (val, a_val, x_val)) or not is_static_one(val.shape[-1]):
             continue
         if not _is_gather(a):
             continue  # a plain batched GEMV gains nothing: it stays cuBLAS's
@@ -42,9 +43,6 @@ def decompose_batched_gemv(graph: torch.fx.Graph, ctx: PassContext) -> bool:
     ctx.counters["decompose_batched_gemv"] += changed
     return changed > 0
 
-
-def _static_one(size) -> bool:
-    return isinstance(size, int) and size == 1
 
 
 def _is_gather(node: torch.fx.Node) -> bool:

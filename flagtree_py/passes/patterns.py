@@ -83,6 +83,11 @@ def stamp(nodes, pattern: str) -> int:
     return instance
 
 
+def is_static_one(size) -> bool:
+    """A dimension known at compile time to be 1 (not a symbol that happens to be 1 now)."""
+    return isinstance(size, int) and size == 1
+
+
 def is_float_tensor(node) -> bool:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point

@@ -60,14 +60,38 @@ def bucket_key(args: Sequence) -> tuple:
 
 
 class TorchGraphs:
-    """The real thing: torch.cuda.CUDAGraph in one memory pool per runner."""
+    """The real thing: torch.cuda.CUDAGraph, the runner's graphs sharing one memory pool.
+
+    The caching allocator keeps a pool alive while a graph captured into it lives; once the last
+    one is released the pool is dead and a capture into it fails an allocator assertion (and
+    leaves the RNG in capture mode). So the graphs alive are counted, and the next capture after
+    the last release, or after a failed capture with none alive, starts a new pool.
+    """
 
     def __init__(self) -> None:
         self.pool = None
+        self.alive = 0
 
     def capture(self, fn: Callable[[], list], tensors: list) -> tuple[object, list]:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        try:
+            graph, outputs = self._capture(fn)
+        except BaseException:
+            if self.alive == 0:
+                self.pool = None
+            raise
+        self.alive += 1
+        return graph, outputs
+
+    def release(self, graph) -> None:
+        """Free a graph that will not be replayed again (its pool goes with the last one)."""
+        graph.reset()
+        self.alive -= 1
+        if self.alive == 0:
+            self.pool = None
+
+    def _capture(self, fn: Callable[[], list]) -> tuple[object, list]:
         # the warm-up call compiled the Triton kernels; torch.cuda.graph captures on its own side
         # stream, after the work queued so far has finished
         torch.cuda.synchronize()
@@ -142,7 +166,7 @@ class CudaGraphRunner:
         if captured is not None and any(args[i].data_ptr() != p for i, p in captured.in_place.items()):
             # an input the graph reads in place has moved (a new cache object): this call warms up
             # again, the next one captures with the inputs that stayed put read in place
-            bucket.captured = None
+            self._release(bucket)
             bucket.warm_pointers = _pointers(args)
             self.counts["recapture"] += 1
             if bucket.captures > self.max_recaptures:
@@ -157,6 +181,11 @@ class CudaGraphRunner:
                 warnings.warn(f"flagtree: CUDA graph {bucket.failed}; running without a graph", stacklevel=2)
                 return self._eager(args, bucket.failed)
         return self._replay(captured, args)
+
+    def _release(self, bucket: _Bucket) -> None:
+        """Drop the bucket's graph; its outputs, which live in the graph's memory, go with it."""
+        captured, bucket.captured = bucket.captured, None
+        self.graphs.release(captured.graph)
 
     def _why_not(self, args: list, key: tuple) -> str | None:
         for value in args:

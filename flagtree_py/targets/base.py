@@ -47,11 +47,13 @@ class GemmConfig:
 GEMM_BUCKETS = (("m16", 16), ("m128", 128), ("large", None))
 
 _GEMM_TILES = {
-    # decode: BLOCK_M=16 is tl.dot's smallest M; split-K gives the few rows enough programs
-    "m16": (GemmConfig(16, 64, 128, 128, 4, 8), GemmConfig(16, 128, 64, 128, 4, 4),
-            GemmConfig(16, 32, 256, 128, 3, 8), GemmConfig(16, 64, 64, 128, 4, 16)),
-    "m128": (GemmConfig(64, 64, 64, 128, 4), GemmConfig(32, 64, 128, 128, 4), GemmConfig(64, 128, 64, 256, 3),
-             GemmConfig(128, 64, 64, 256, 3)),
+    # decode: BLOCK_M=16 is tl.dot's smallest M; split-K gives the few rows enough programs (the
+    # target's `decode_split` may choose SPLIT_K from its multiprocessors). Order: the H100 sweep's
+    # best over Qwen3-8B's four projections first (benchmarks/results/gemm_tiles_sweep_h100_*.json)
+    "m16": (GemmConfig(16, 64, 128, 128, 4, 4), GemmConfig(16, 128, 128, 128, 4, 4),
+            GemmConfig(16, 32, 256, 128, 4, 1), GemmConfig(16, 64, 64, 128, 4, 4)),
+    "m128": (GemmConfig(64, 64, 128, 256, 4), GemmConfig(32, 64, 128, 128, 4), GemmConfig(64, 128, 128, 256, 4),
+             GemmConfig(64, 64, 64, 128, 4), GemmConfig(128, 64, 64, 256, 3)),
     "large": (GemmConfig(128, 128, 64, 256, 3), GemmConfig(128, 256, 64, 256, 3), GemmConfig(64, 128, 64, 128, 4),
               GemmConfig(128, 64, 64, 128, 4), GemmConfig(128, 128, 32, 256, 4)),
 }
@@ -70,6 +72,8 @@ class TargetSpec:
     dtypes: frozenset[str]
     features: frozenset[str]  # "tma", "wgmma", "async_copy", "fp8", ...
     triton_language: tuple[int, int]  # newest Triton language level its compiler accepts
+    # operand dtypes tl.dot multiplies as they are; others are widened to fp32 in the kernel
+    dot_dtypes: frozenset[str] = frozenset({"fp32", "fp16", "bf16"})
     # tile tables (data, not code): pointwise block and the reduction budget per program
     pointwise_block: int = 1024
     pointwise_threads: int = 128
@@ -81,6 +85,9 @@ class TargetSpec:
     template_dir: str | None = field(default=None, compare=False)
     # GEMM template tiles per M bucket, best guess first (the heuristic config without autotuning)
     gemm_tiles: dict = field(default_factory=lambda: dict(_GEMM_TILES))
+    # streaming multiprocessors (compute units): decode GEMMs split K until about two programs run
+    # on each; None (no public figure) keeps the tile table's SPLIT_K
+    multiprocessors: int | None = None
     source: str = ""  # where the figures come from
     toolchain: str = ""  # e.g. "triton-3.6.0"; part of the hash
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -121,6 +128,20 @@ class TargetSpec:
         if tile.threads > self.warp_size:
             return replace(tile, threads=tile.threads // 2)
         return None
+    def decode_split(self, tile: GemmConfig, n: int | None, k: int) -> int:
+        """SPLIT_K of a decode GEMM with `n` output columns (per accumulator) and depth `k`.
+
+        Few rows leave one program per BLOCK_N columns, too few to stream the weights at full
+        bandwidth when N is small: K is split until about two programs run per multiprocessor
+        (rounded down to a power of two, measured best on the H100: o_proj and down at N=4096
+        split 4, gate_up's 12288 columns not at all), and never into more slices than K has blocks.
+        """
+        split = tile.SPLIT_K
+        if self.multiprocessors is not None and n is not None:
+            wanted = -(-2 * self.multiprocessors // -(-n // tile.BLOCK_N))
+            split = min(16, _floor_power_of_2(wanted))
+        return max(1, min(split, -(-k // tile.BLOCK_K)))
+
     def gemm_candidates(self, bucket: str, element_bytes: int, accumulators: int) -> list[GemmConfig]:
         """The bucket's tiles on this target: a tile whose pipeline does not fit the shared memory
         keeps fewer stages (64 KB chips), one that never fits, needs too many threads or holds
@@ -148,6 +169,7 @@ class TargetSpec:
         fields["template_dir"] = _directory_digest(self.template_dir)
         fields["dtypes"] = sorted(self.dtypes)
         fields["features"] = sorted(self.features)
+        fields["dot_dtypes"] = sorted(self.dot_dtypes)
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

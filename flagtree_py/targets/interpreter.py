@@ -17,6 +17,8 @@ INTERPRETER = TargetSpec(
     dtypes=frozenset({"fp32", "fp16", "fp64", "int64", "int32", "int8", "bool"}),
     features=frozenset(),
     triton_language=(3, 6),
+    # the interpreter's tl.dot multiplies bf16 operands as raw integers (Triton 3.9): widen them
+    dot_dtypes=frozenset({"fp32", "fp16"}),
     pointwise_block=8192,
     reduction_elements=65536,
     persistent_reduction_limit=16384,

@@ -24,6 +24,7 @@ SM90 = TargetSpec(
     arch="sm_90",
     description="NVIDIA Hopper (H100, H200)",
     shared_memory_per_block=227 * 1024,
+    multiprocessors=132,  # H100 SXM5 and H200 (NVIDIA H100 Tensor Core GPU Architecture whitepaper)
     dtypes=frozenset({"fp32", "fp16", "bf16", "fp8e4m3", "fp8e5m2", "fp64", "int64", "int32", "int8", "bool"}),
     features=frozenset({"tma", "wgmma", "async_copy", "fp8", "cuda_graphs"}),
     **_COMMON,
@@ -34,6 +35,7 @@ SM80 = TargetSpec(
     arch="sm_80",
     description="NVIDIA Ampere (A100)",
     shared_memory_per_block=163 * 1024,
+    multiprocessors=108,  # A100 (NVIDIA A100 Tensor Core GPU Architecture whitepaper)
     dtypes=frozenset({"fp32", "fp16", "bf16", "fp64", "int64", "int32", "int8", "bool"}),
     features=frozenset({"async_copy", "cuda_graphs"}),
     **_COMMON,

@@ -60,6 +60,27 @@ def test_prefill_causal_gqa(q_len):
     _assert_flagtree_attention(record, "prefill")
 
 
+@pytest.mark.parametrize("q_len", [37, 1])  # prefill, and one query row: flash-decoding
+def test_bf16_is_as_close_to_fp32_as_eager_bf16(q_len):
+    """bf16 on the interpreter: its tl.dot cannot multiply bf16, so the operands are widened in the
+    kernel; the result must be as close to an fp32 reference as eager's bf16 SDPA is."""
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, enable_gqa=True)
+
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = _qkv(generator, q_len, 45, kv_heads=2)
+    reference = fn(q, k, v)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    with torch.no_grad():
+        actual, eager = _compile(fn)(q, k, v), fn(q, k, v)
+    assert actual.dtype == torch.bfloat16
+    eager_error = (eager.float() - reference).abs().max().item()
+    error = (actual.float() - reference).abs().max().item()
+    assert error <= 2 * eager_error + 1e-3, (error, eager_error)
+    (record,) = flagtree_py.report()
+    _assert_flagtree_attention(record, "prefill" if q_len > 1 else "decode")
+
+
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
 def test_prefill_mask_with_repeat_kv_seen_through(mask_kind):
     def fn(q, k, v, mask):

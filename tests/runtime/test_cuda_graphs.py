@@ -2,7 +2,7 @@
 bookkeeping (warm-up, capture, in-place vs copied inputs, copy-back of mutated inputs, recapture,
 buckets, fallbacks) against a simulated graph that re-runs the captured call on the captured
 memory, as a CUDA graph replays its kernels. The real capture is checked on the GPU by
-benchmarks/cuda_graphs_check.py."""
+benchmarks/attention_gpu_check.py (check_cuda_graphs)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class SimulatedGraphs:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.captures = 0
+        self.released = 0
 
     def capture(self, fn, tensors):
         if self.fail:
@@ -32,6 +33,9 @@ class SimulatedGraphs:
             tensor.copy_(value)
         self.captured_outputs = outputs
         return fn, outputs
+
+    def release(self, graph):
+        self.released += 1
 
     def replay(self, graph):  # the captured kernels run again and write the captured output memory
         for captured, new in zip(self.captured_outputs, graph()):
@@ -100,7 +104,7 @@ def test_moved_cache_is_recaptured_and_a_copied_mutated_input_is_written_back():
     x2, x3 = torch.randn(4, 3), torch.randn(4, 3)
     runner([x2, weight, cache_b, 3])  # warm-up again, for the new addresses
     out = runner([x3, weight, cache_b, 3])  # captured anew: cache_b in place, x copied (it moved)
-    assert runner.counts["recapture"] == 1 and graphs.captures == 3
+    assert runner.counts["recapture"] == 1 and graphs.captures == 3 and graphs.released == 1
     torch.testing.assert_close(out[0], x3 * weight + cache_b.sum(0))
     torch.testing.assert_close(cache_a[3], x.sum(0))  # untouched by the calls on cache_b
     torch.testing.assert_close(cache_b[3], x3.sum(0))
@@ -128,6 +132,59 @@ def test_sizes_buckets_and_failed_capture_fall_back_with_reasons():
     for out in outs:
         torch.testing.assert_close(out[0], _reference(x, weight, eager_cache, 1))
     assert any(reason.startswith("capture failed") for reason in record["cuda_graph_skips"])
+
+
+class _FakeCudaGraph:
+    """Stands in for torch.cuda.CUDAGraph: records the pool it was captured into."""
+
+    def __init__(self, pools):
+        self.pools = pools
+
+    def reset(self):
+        self.pools["reset"] += 1
+
+
+def test_torch_graphs_start_a_new_pool_once_the_last_graph_is_released(monkeypatch):
+    """The allocator refuses a capture into a pool whose graphs are all gone: after the last
+    release (a recapture) or a failed capture with no graph alive, the next capture gets a new pool."""
+    from contextlib import contextmanager
+
+    from flagtree_py.runtime import cuda_graphs
+
+    pools = {"handles": 0, "reset": 0, "used": []}
+
+    def pool_handle():
+        pools["handles"] += 1
+        return ("pool", pools["handles"])
+
+    @contextmanager
+    def graph(g, pool):
+        pools["used"].append(pool)
+        yield
+
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", pool_handle)
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "CUDAGraph", lambda: _FakeCudaGraph(pools))
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph", graph)
+    graphs = cuda_graphs.TorchGraphs()
+    first, _ = graphs.capture(lambda: [1], [])
+    second, _ = graphs.capture(lambda: [2], [])
+    assert pools["used"] == [("pool", 1), ("pool", 1)]  # buckets share one pool
+    graphs.release(first)
+    third, _ = graphs.capture(lambda: [3], [])  # the second graph keeps pool 1 alive
+    graphs.release(second)
+    graphs.release(third)
+    graphs.capture(lambda: [4], [])  # none alive: pool 1 is dead, a new one
+    assert pools["used"][-1] == ("pool", 2) and pools["reset"] == 3
+
+    def broken():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    fresh = cuda_graphs.TorchGraphs()
+    with pytest.raises(RuntimeError, match="not permitted"):
+        fresh.capture(broken, [])
+    fresh.capture(lambda: [5], [])
+    assert pools["used"][-2] != pools["used"][-1]  # the failed capture's pool is not reused
 
 
 def test_bucket_key_holds_host_scalar_values():

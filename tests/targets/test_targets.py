@@ -42,3 +42,19 @@ def test_environment_default_is_read_once_into_options(monkeypatch):
     assert CompileOptions.from_user({"target": "nvidia"}).target == "nvidia"
     with pytest.raises(ValueError, match="unknown flagtree target"):
         CompileOptions.from_user({"target": "tpu"})
+
+
+def test_decode_split_follows_the_multiprocessors():
+    """Decode GEMMs split K until about two programs run per multiprocessor (Qwen3-8B's shapes on
+    an H100: the splits its sweep measured best); a target without the figure keeps its table's."""
+    from flagtree_py.targets import get_target
+    from flagtree_py.targets.base import GemmConfig
+
+    h100 = get_target("nvidia-sm90")
+    tile = GemmConfig(16, 64, 128, 128, 4, 4)
+    assert h100.decode_split(tile, 4096, 4096) == 4  # o_proj
+    assert h100.decode_split(tile, 4096, 12288) == 4  # down
+    assert h100.decode_split(tile, 6144, 4096) == 2  # qkv
+    assert h100.decode_split(GemmConfig(16, 32, 128, 128, 4, 4), 12288, 4096) == 1  # gate_up: 384 programs
+    assert h100.decode_split(tile, 64, 256) == 2  # never more slices than K has blocks
+    assert get_target("interpreter").decode_split(GemmConfig(16, 32, 16, 128, 1, 2), 40, 50) == 2
