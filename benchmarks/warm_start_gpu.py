@@ -111,6 +111,8 @@ def child(args: argparse.Namespace) -> dict:
         + len({(lookup["kernel"], lookup["key"]) for lookup in lookups if lookup["found"]}),
         "binaries_not_found": sorted({lookup["kernel"] for lookup in lookups if not lookup["found"]})[:40],
         "binaries_stored": counters["jit_binaries_stored"],
+        # JIT builds not stored because their specialization is not the one runtime/aot.py computes
+        "binaries_unmatched": counters["jit_binaries_unmatched"],
         "kernel_launches": counters["kernel_launches"], "binary_launches": counters["binary_launches"],
         "content_binary_launches": counters["content_binary_launches"],
         "kernel_failures": [f for r in records for f in r.get("kernel_failures", [])][:10],

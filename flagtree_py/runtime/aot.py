@@ -323,12 +323,15 @@ class ContentBinaries:
         if not self.writable or id(compiled) in self._remembered:
             return None
         self._remembered.add(id(compiled))
+        from flagtree_py.cache.binaries import binary_key
+        from flagtree_py.runtime.launch import counters
+
         params = getattr(kernel, "params", None)
         specialization = compiled_specialization(compiled, len(args))
         if params is None or specialization is None or specialization != jit_specialization(params, args):
+            # counted: on a GPU this says that this Triton specializes otherwise than `jit_specialization`
+            counters["jit_binaries_unmatched"] += 1
             return None
-        from flagtree_py.cache.binaries import binary_key
-        from flagtree_py.runtime.launch import counters
 
         signature = launch_signature(args, meta)
         key = binary_key(self._source_of(name, kernel), signature, self.arch, self.triton_version, specialization)

@@ -214,8 +214,13 @@ def test_first_launch_stores_and_a_warm_start_launches_with_no_jit(tmp_path, bui
     # a launch whose specialization no process built (a misaligned output): Triton's JIT, never a binary
     third = GuardedKernel("k3_scale", LaunchedJit(builds), lambda *a: None, interpreted=False,
                           content_binaries=ContentBinaries(tmp_path, "sm90"))
+    unmatched = counters["jit_binaries_unmatched"]
     launch.run(third, (2,), _half(), _half(False), 1, 37, **META)
     assert len(launched) == 2 and len(third.kernel.launched) == 1
+    # the stand-in returned the build for an aligned output: a build whose specialization is not the launch's
+    # is never stored under the launch's key (counted, so that a GPU run shows a Triton that specializes
+    # otherwise than runtime/aot.py)
+    assert counters["jit_binaries_unmatched"] == unmatched + 1 and len(list(BinaryStore(tmp_path).entries())) == 2
 
 
 def test_an_unwritable_store_degrades_to_no_store(tmp_path, builds):
@@ -248,3 +253,22 @@ def test_verify_finds_a_tampered_jit_binary(tmp_path, builds):
     assert done.returncode == 1, done.stderr
     problems = json.loads(done.stdout)["problems"]
     assert problems == [{"key": f"binaries/{keys['aligned']}", "problem": "kernel.cubin does not match its hash"}]
+
+
+def test_a_binary_built_ahead_of_time_is_still_found_for_any_alignment(tmp_path):
+    """`flagtree compile`'s binaries (no specialization, in the same store) serve launches of every
+    specialization when no JIT build of the launch's own is there."""
+    from flagtree_py.runtime.aot import binary_files, compile_for_nvidia
+
+    args = (_half(), _half(), 1, 37)
+    signature = launch_signature(args, META)
+    built = compile_for_nvidia(scale_kernel.fn, signature, 90)
+    key = binary_key(kernel_source(scale_kernel), signature, "sm90", triton.__version__)
+    BinaryStore(tmp_path).put(key, "k3_scale", "sm90", triton.__version__, signature, binary_files(built))
+    found = ContentBinaries(tmp_path, "sm90")
+    for launch_args in (args, (_half(False), _half(False), 5, 37)):
+        binary = found.find("k3_scale", scale_kernel, launch_args, META)
+        assert binary is not None and binary.specialization is None and binary.accepts(launch_args, META)
+    assert [lookup["key"] for lookup in found.lookups.values()] == [key, key]
+    assert not any(lookup["jit_build"] for lookup in found.lookups.values())
+    assert found.find("k3_scale", scale_kernel, (_half(), _half(), 1, 2**31), META) is None  # built as i32
