@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import textwrap
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -261,7 +262,8 @@ class ContentBinaries:
         self.writable = True
         self._found: dict = {}
         self._sources: dict = {}
-        self._remembered: set = set()
+        self._remembered: weakref.WeakSet = weakref.WeakSet()  # CompiledKernels considered (not their ids:
+        # an id is reused once a build is freed)
         self.lookups: dict[str, dict] = {}
 
     def _source_of(self, name: str, kernel) -> str:
@@ -320,9 +322,12 @@ class ContentBinaries:
         specialization this module cannot read, or one that differs from what `jit_specialization` computes
         for the launch (a later lookup would never find it under that key).
         """
-        if not self.writable or id(compiled) in self._remembered:
+        try:
+            if not self.writable or compiled in self._remembered:
+                return None
+            self._remembered.add(compiled)
+        except TypeError:  # not weakly referable: not a CompiledKernel
             return None
-        self._remembered.add(id(compiled))
         from flagtree_py.cache.binaries import binary_key
         from flagtree_py.runtime.launch import counters
 
