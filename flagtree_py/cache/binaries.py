@@ -144,17 +144,17 @@ class BinaryStore:
         `source`, the kernel's text, is kept for `cache show` and for explaining a lookup that missed.
         None when the store cannot be written (full disk, read-only directory): nothing is stored."""
         final = self.path(key)
-        damaged = final.exists()
-        if damaged and self.verify(key) is None:
+        present = final.exists()
+        if present and self.verify(key) is None:
             return final
         names = {kind: f"kernel.{kind}" for kind in files if kind in _KINDS}
         meta = {"key": key, "kernel": kernel, "arch": arch, "triton": triton_version, "signature": signature,
                 "files": {name: hashlib.sha256(files[kind]).hexdigest() for kind, name in names.items()},
                 "kinds": names, "created": time.time(), "source": source}
         try:
-            # a damaged one is replaced; one another process placed meanwhile is kept
+            # one present is damaged (it failed its check): replaced; one another process placed meanwhile: kept
             place_directory(final, {**{name: files[kind] for kind, name in names.items()},
-                                    BINARY_META: json.dumps(meta, indent=1)}, replace=damaged)
+                                    BINARY_META: json.dumps(meta, indent=1)}, replace=present)
         except OSError:
             return None
         return final if final.is_dir() else None

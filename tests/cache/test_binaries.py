@@ -101,6 +101,8 @@ def test_put_get_verify_and_tamper(tmp_path):
     assert meta["kernel"] == "k" and meta["triton"] == "3.6.0" and problem is None and size > 0
     files["cubin"].write_bytes(b"\x7fELF tampered")
     assert store.verify(key) == "kernel.cubin does not match its hash" and store.get(key) is None
+    assert store.put(key, "k", "sm90", "3.6.0", _SIGNATURE, _FILES) is not None  # a damaged one is replaced
+    assert store.verify(key) is None and store.get(key)[1]["cubin"].read_bytes() == _FILES["cubin"]
     with pytest.raises(ValueError):
         store.path("../escape")
 
