@@ -6,14 +6,20 @@ different torch. A kernel binary depends on much less: the kernel's source, how 
 architecture and the Triton that built it. That is this store's key:
 
     sha256(kernel code (decorator and def, comments left out), argument types (pointer dtypes, i32/i64, fp32),
-           constexpr meta and num_warps/num_stages, arch ("sm90"), Triton version)
+           constexpr meta and num_warps/num_stages, arch ("sm90"), Triton version
+           [, for a binary Triton's JIT built: the specialization it chose])
 
-so a kernel whose source comes out the same under another torch finds its cubin here. Triton's version
+The specialization (runtime/aot.py `jit_specialization`) says which pointers the JIT took as 16-byte aligned,
+which integers as multiples of 16 and which as the constant 1: a JIT binary is one build among several of the
+same kernel and launch, and only a launch with those properties may use it (and finds it: it computes the same
+specialization). Binaries built ahead of time (`flagtree compile`) assume none of it and have no such part.
+
+So a kernel whose source comes out the same under another torch finds its cubin here. Triton's version
 is in the key: a cubin and its metadata json are only ever loaded by the Triton that wrote them.
 
 Each binary directory holds `kernel.cubin`, `kernel.ptx`, `kernel.json` (Triton's metadata) and
-`binary.json` (key, kernel name, arch, Triton version, the launch signature it was built for, file
-hashes). Files are hashed and checked before use, written atomically, and travel in the
+`binary.json` (key, kernel name, arch, Triton version, the launch signature it was built for, with its
+`specialization` for a JIT build, file hashes). Files are hashed and checked before use, written atomically, and travel in the
 `flagtree cache export/import` bundles as `binaries/<key>/<file>`.
 """
 
@@ -63,11 +69,13 @@ def kernel_source(fn) -> str:
     return " ".join(tokens)
 
 
-def binary_key(source: str, signature: dict, arch: str, triton_version: str) -> str:
+def binary_key(source: str, signature: dict, arch: str, triton_version: str,
+               specialization: tuple[str, ...] | list[str] | None = None) -> str:
     """The content key of a kernel built from `source` for launches of `signature` on `arch`.
 
-    Integer arguments enter as their width (generated kernels never specialize on their values, and an
-    ahead-of-time build compiles them as i32 or i64), floats as fp32, pointers as their dtype.
+    Integer arguments enter as their width (an ahead-of-time build compiles them as i32 or i64), floats as
+    fp32, pointers as their dtype; `specialization`, for a binary built by Triton's JIT, is what it assumed
+    of each argument (alignment, multiples of 16, constant 1s).
     """
     arguments = []
     for kind, value in signature["arguments"]:
@@ -82,6 +90,8 @@ def binary_key(source: str, signature: dict, arch: str, triton_version: str) -> 
     meta.setdefault("num_stages", 3)
     canonical = {"source": source, "arguments": arguments, "meta": sorted(meta.items()), "arch": arch,
                  "triton": triton_version}
+    if specialization is not None:  # absent for ahead-of-time builds: their keys stay what they were
+        canonical["specialization"] = list(specialization)
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
@@ -103,8 +113,12 @@ def place_directory(final: Path, files: dict[str, bytes | str], replace: bool) -
     when another process placed one meanwhile, theirs is kept and ours discarded."""
     final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{uuid.uuid4().hex[:8]}-", dir=final.parent))
-    for name, data in files.items():
-        (scratch / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    try:
+        for name, data in files.items():
+            (scratch / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    except OSError:  # a full disk: no half-written scratch directory is left behind
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     if replace and final.exists():
         shutil.rmtree(final, ignore_errors=True)
     try:
@@ -125,19 +139,25 @@ class BinaryStore:
         return self.directory / key
 
     def put(self, key: str, kernel: str, arch: str, triton_version: str, signature: dict,
-            files: dict[str, bytes], source: str | None = None) -> Path:
+            files: dict[str, bytes], source: str | None = None) -> Path | None:
         """Store one build ({"cubin"|"ptx"|"json": bytes}); an intact binary already there is kept.
-        `source`, the kernel's text, is kept for `cache show` and for explaining a lookup that missed."""
+        `source`, the kernel's text, is kept for `cache show` and for explaining a lookup that missed.
+        None when the store cannot be written (full disk, read-only directory): nothing is stored."""
         final = self.path(key)
-        if final.exists() and self.verify(key) is None:
+        present = final.exists()
+        if present and self.verify(key) is None:
             return final
         names = {kind: f"kernel.{kind}" for kind in files if kind in _KINDS}
         meta = {"key": key, "kernel": kernel, "arch": arch, "triton": triton_version, "signature": signature,
                 "files": {name: hashlib.sha256(files[kind]).hexdigest() for kind, name in names.items()},
                 "kinds": names, "created": time.time(), "source": source}
-        place_directory(final, {**{name: files[kind] for kind, name in names.items()},
-                                BINARY_META: json.dumps(meta, indent=1)}, replace=True)  # damaged: replaced
-        return final
+        try:
+            # one present is damaged (it failed its check): replaced; one another process placed meanwhile: kept
+            place_directory(final, {**{name: files[kind] for kind, name in names.items()},
+                                    BINARY_META: json.dumps(meta, indent=1)}, replace=present)
+        except OSError:
+            return None
+        return final if final.is_dir() else None
 
     def meta(self, key: str) -> dict | None:
         try:

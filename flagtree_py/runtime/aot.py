@@ -8,11 +8,21 @@ files a cache entry keeps; `BinaryKernel` loads those files on a GPU as Triton's
 What an AOT build does not assume: pointer alignment. Triton's JIT specializes pointers that are
 16-byte aligned (`tt.divisibility`), which lets it vectorize loads; an AOT build knows no pointer
 values, so it leaves that out and any pointer is valid (possibly slower loads).
+
+Binaries Triton's JIT built on a GPU are kept too (`ContentBinaries.remember`, after a kernel's first
+JIT launch of a specialization), with the specialization the JIT chose (`jit_specialization`): which
+pointers it took as 16-byte aligned, which integers as multiples of 16 or as the constant 1. Such a
+binary is launched only for calls that have those properties (`BinaryKernel.accepts`), so a second
+process launches what the first one compiled, with no Triton compile, and a misaligned view never
+runs a kernel built for aligned pointers (Triton's JIT builds it another binary).
 """
 
 from __future__ import annotations
 
 import inspect
+import textwrap
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -23,6 +33,10 @@ _POINTER_TYPES = {
     torch.uint8: "*u8", torch.bool: "*i1",
 }
 _I32 = (-(2**31), 2**31)
+#: Triton's own names for pointer element types (`canonicalize_dtype`): a bool tensor is "*u1" to the JIT
+_JIT_POINTER_TYPES = {**_POINTER_TYPES, torch.bool: "*u1"}
+#: the attribute Triton's NVIDIA backend derives from a "D" specialization (`BaseBackend.parse_attr`)
+_DIVISIBILITY = ["tt.divisibility", 16]
 
 
 def launch_signature(args: tuple, meta: dict) -> dict:
@@ -85,43 +99,156 @@ def binary_files(compiled) -> dict[str, bytes]:
     return {"cubin": bytes(compiled.asm["cubin"]), "ptx": compiled.asm["ptx"].encode(), "json": metadata.read_bytes()}
 
 
+def jit_specialization(params: list, args: tuple) -> tuple[str, ...] | None:
+    """The specialization Triton's JIT chooses for a launch with `args` (positional, constexprs left out),
+    one string per argument: its type, with ":D" where Triton assumes a multiple of 16 (a pointer's address
+    or an integer's value), or "constexpr:1" for an integer 1 it compiles in as a constant.
+
+    `params` is the JITFunction's `params` (do_not_specialize, do_not_specialize_on_alignment). The rule
+    is Triton's `specialize_impl` (3.6 in Python, 3.9 native; the same rule): tests check it against
+    Triton's own binder. None where the kernel has what the rule does not cover (annotated types).
+    """
+    if len(params) < len(args):
+        return None
+    spec = []
+    for param, value in zip(params, args):
+        if param.is_constexpr or param.annotation_type:
+            return None
+        specialize, align = not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        if isinstance(value, bool):
+            spec.append("u1")
+        elif isinstance(value, int):
+            if specialize and value == 1:
+                spec.append("constexpr:1")
+                continue
+            kind = "i32" if _I32[0] <= value < _I32[1] else "u64" if 2**63 <= value < 2**64 else "i64"
+            spec.append(f"{kind}:D" if specialize and align and value % 16 == 0 else kind)
+        elif isinstance(value, float):
+            spec.append("fp32")
+        elif isinstance(value, torch.Tensor):
+            kind = _JIT_POINTER_TYPES[value.dtype]
+            spec.append(f"{kind}:D" if specialize and align and value.data_ptr() % 16 == 0 else kind)
+        else:
+            return None
+    return tuple(spec)
+
+
+def compiled_specialization(compiled, arity: int) -> tuple[str, ...] | None:
+    """The specialization a CompiledKernel from Triton's JIT was built for, read from its source
+    (`src.signature`, `src.constants`, `src.attrs`: the same fields in Triton 3.6 and 3.9), in the form
+    of `jit_specialization`; None if it is not a JIT build of a plain kernel (a constant other than 1)."""
+    src = getattr(compiled, "src", None)
+    names = getattr(getattr(src, "fn", None), "arg_names", None)
+    if names is None or len(names) < arity:
+        return None
+    constants = getattr(src, "constants", {}) or {}
+    attrs = getattr(src, "attrs", {}) or {}
+    spec = []
+    for index, name in enumerate(names[:arity]):
+        kind = src.signature.get(name)
+        if kind == "constexpr":
+            value = constants.get((index,), constants.get(name))
+            if value != 1 or isinstance(value, bool):
+                return None
+            spec.append("constexpr:1")
+        elif isinstance(kind, str):
+            found = [list(attribute) for attribute in attrs.get((index,), [])]
+            spec.append(f"{kind}:D" if _DIVISIBILITY in found else kind)
+        else:
+            return None
+    return tuple(spec)
+
+
 class BinaryKernel:
-    """A kernel built ahead of time, loaded from a cache entry's files: launching it compiles nothing."""
+    """A kernel binary loaded from the cache's files: launching it compiles nothing.
+
+    `signature["specialization"]`, present for binaries Triton's JIT built, is what the binary assumes of
+    each argument (`jit_specialization`); binaries built ahead of time assume nothing of pointers and
+    compile integers as i32/i64 values.
+    """
 
     def __init__(self, fn, signature: dict, files: dict[str, Path]) -> None:
         from triton.compiler import CompiledKernel
 
-        source, _ = _source(fn, signature)
+        specialization = signature.get("specialization")
+        source, _ = _source(fn, signature) if specialization is None else _jit_source(fn, signature, specialization)
         group = {f"{fn.__name__}.{kind}": str(path) for kind, path in files.items() if kind in ("json", "cubin", "ptx")}
         self.compiled = CompiledKernel(source, group, Path(files["cubin"]).stem)
         names = list(inspect.signature(fn).parameters)
         self.arity = len(signature["arguments"])
         self.constexprs = names[self.arity:]  # XBLOCK, RBLOCK...: passed after the arguments
         self.kinds = [kind for kind, _ in signature["arguments"]]
-        # an int built as i32 must still fit when a dynamic size grows
-        self.narrow_ints = [i for i, (kind, value) in enumerate(signature["arguments"])
-                            if kind == "int" and _I32[0] <= value < _I32[1]]
+        self.specialization = None if specialization is None else tuple(specialization)
+        # what each launch must have for this binary: an int built as i32 must still fit when a dynamic
+        # size grows; a JIT build also assumes aligned pointers, multiples of 16 and constant 1s
+        self.narrow_ints, self.aligned, self.multiples, self.ones = [], [], [], []
+        if specialization is None:
+            self.narrow_ints = [i for i, (kind, value) in enumerate(signature["arguments"])
+                                if kind == "int" and _I32[0] <= value < _I32[1]]
+        else:
+            for i, (kind, _) in enumerate(signature["arguments"]):
+                built = specialization[i]
+                if built == "constexpr:1":
+                    self.ones.append(i)
+                elif built.startswith("i32"):
+                    self.narrow_ints.append(i)
+                if built.endswith(":D"):
+                    (self.aligned if kind == "pointer" else self.multiples).append(i)
         # tile sizes and launch options are baked into the binary: a launch with other ones (a GEMM's
         # tile for another M bucket, an autotuner's trial) is not this binary's
         self.meta = dict(signature.get("meta", {}))
 
     def accepts(self, args: tuple, meta: dict | None = None) -> bool:
+        """Whether this binary computes the right thing for a launch with `args` and `meta`."""
         if meta is not None and dict(meta) != self.meta:
             return False
-        return len(args) == self.arity and all(_I32[0] <= args[i] < _I32[1] for i in self.narrow_ints)
+        if len(args) != self.arity:
+            return False
+        return (all(_I32[0] <= args[i] < _I32[1] for i in self.narrow_ints)
+                and all(args[i].data_ptr() % 16 == 0 for i in self.aligned)
+                and all(args[i] % 16 == 0 for i in self.multiples)
+                and all(args[i] == 1 for i in self.ones))
 
     def launch(self, grid: tuple, args: tuple, meta: dict) -> None:
         full_grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        # arguments compiled in as constants (an integer 1) are passed too: Triton's launcher skips them
         self.compiled[full_grid](*args, *(meta[name] for name in self.constexprs))
 
 
+def _jit_source(fn, signature: dict, specialization: tuple | list):
+    """Triton's ASTSource as its JIT made it for a launch of this specialization: the launcher Triton
+    builds from it takes the same arguments, in the same order, as the JIT's own launch of the binary."""
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    names = list(inspect.signature(fn).parameters)
+    types, constants, attrs = {}, {}, {}
+    for index, (name, built) in enumerate(zip(names, specialization)):
+        kind, _, flag = built.partition(":")
+        types[name] = kind
+        if kind == "constexpr":
+            constants[name] = int(flag)
+        elif flag == "D":
+            attrs[(index,)] = [list(_DIVISIBILITY)]
+    meta = dict(signature["meta"])
+    options = {"num_warps": meta.pop("num_warps", 4), "num_stages": meta.pop("num_stages", 3)}
+    for name, value in meta.items():
+        types[name] = "constexpr"
+        constants[name] = value
+    return ASTSource(fn=JITFunction(fn), signature=types, constexprs=constants, attrs=attrs), options
 class ContentBinaries:
     """Kernel binaries found by content (cache/binaries.py) for this GPU's `arch` and this Triton.
 
-    `find(kernel, args, meta)` is asked before a kernel would be JIT-compiled, graph cache hit or miss:
-    a BinaryKernel built from the same source for the same launch signature, or None. Each outcome is
-    kept per (kernel, argument widths, meta), so the store is read once per specialization; `lookups`
-    says, per kernel, whether its binary was found (what the GPU check reports).
+    `find(name, kernel, args, meta)` is asked before a kernel would be JIT-compiled, graph cache hit or
+    miss: a BinaryKernel built from the same source for the same launch, or None. It looks first for the
+    binary Triton's JIT built for this launch's specialization, then for one built ahead of time (which
+    assumes nothing of pointers). Each outcome is kept per (kernel, meta, specialization), so the store is
+    read once per specialization; `lookups` says, per lookup, whether a binary was found and which binaries
+    this process stored (what the GPU checks report).
+
+    `remember(...)`, after a JIT launch, stores the binary the JIT built (or took from Triton's own cache)
+    under its specialization. A store that cannot be written (full disk, read-only) is given up for the
+    rest of the process with one warning: binaries are an optimisation, never a reason to fail.
     """
 
     def __init__(self, cache_dir: Path | str, arch: str) -> None:
@@ -132,31 +259,105 @@ class ContentBinaries:
         self.store = BinaryStore(cache_dir)
         self.arch = arch
         self.triton_version = triton.__version__
+        self.writable = True
         self._found: dict = {}
         self._sources: dict = {}
+        self._remembered: weakref.WeakSet = weakref.WeakSet()  # CompiledKernels considered (not their ids:
+        # an id is reused once a build is freed)
         self.lookups: dict[str, dict] = {}
 
-    def find(self, name: str, fn, args: tuple, meta: dict) -> BinaryKernel | None:
-        # every launch asks, so the memo is per (kernel, meta) alone: a generated kernel's pointer dtypes
-        # are fixed by its graph, and the binary's `accepts` checks the integer widths it was built for
-        memo = (name, tuple(meta.items()))
+    def _source_of(self, name: str, kernel) -> str:
+        if name not in self._sources:
+            from flagtree_py.cache.binaries import kernel_source
+
+            self._sources[name] = kernel_source(kernel)
+        return self._sources[name]
+
+    def find(self, name: str, kernel, args: tuple, meta: dict) -> BinaryKernel | None:
+        """`kernel`: the JITFunction (its `params` give the specialization) or, for lookups of binaries built
+        ahead of time only, the raw function."""
+        params = getattr(kernel, "params", None)
+        specialization = jit_specialization(params, args) if params is not None else None
+        # every launch asks: the memo needs no argument scan beyond the specialization, and a generated
+        # kernel's pointer dtypes are fixed by its graph; `specialization` holds the integer widths
+        memo = (name, tuple(meta.items()), specialization)
         if memo in self._found:
             binary = self._found[memo]
-            return binary if binary is not None and binary.accepts(args, meta) else None
-        from flagtree_py.cache.binaries import binary_key, kernel_source
+            return binary if binary is not None and (specialization is not None or binary.accepts(args, meta)) else None
+        from flagtree_py.cache.binaries import binary_key
+
+        fn = getattr(kernel, "fn", kernel)
+        signature = launch_signature(args, meta)
+        source = self._source_of(name, kernel)
+        keys = [binary_key(source, signature, self.arch, self.triton_version)]
+        if specialization is not None:
+            keys.insert(0, binary_key(source, signature, self.arch, self.triton_version, specialization))
+        binary, found_key = None, None
+        for key in keys:
+            stored = self.store.get(key)
+            if stored is None:
+                continue
+            built_for, files = stored
+            try:
+                candidate = BinaryKernel(fn, built_for, files)
+            except Exception as error:  # noqa: BLE001 -- an unloadable binary (metadata of another Triton): not used
+                self.lookups[f"{name} {dict(meta)} {specialization} {key[:12]}"] = {
+                    "kernel": name, "key": key, "found": False, "unloadable": f"{type(error).__name__}: {error}"[:300]}
+                candidate = None
+            if candidate is not None and candidate.accepts(args, meta):
+                binary, found_key = candidate, key
+                break
+        self._found[memo] = binary
+        lookup = {"kernel": name, "key": found_key or keys[0], "found": binary is not None}
+        if specialization is not None:
+            lookup["specialization"] = list(specialization)
+            lookup["jit_build"] = binary is not None and binary.specialization is not None
+        self.lookups[f"{name} {dict(meta)} {specialization}"] = lookup
+        return binary
+
+    def remember(self, name: str, kernel, args: tuple, meta: dict, compiled) -> str | None:
+        """Store the binary Triton's JIT launched for (`args`, `meta`); its key, or None if not stored.
+
+        Asked after every JIT launch; each CompiledKernel is considered once. Not stored: a build whose
+        specialization this module cannot read, or one that differs from what `jit_specialization` computes
+        for the launch (a later lookup would never find it under that key).
+        """
+        try:
+            if not self.writable or compiled in self._remembered:
+                return None
+            self._remembered.add(compiled)
+        except TypeError:  # not weakly referable: not a CompiledKernel
+            return None
+        from flagtree_py.cache.binaries import binary_key
+        from flagtree_py.runtime.launch import counters
+
+        params = getattr(kernel, "params", None)
+        specialization = compiled_specialization(compiled, len(args))
+        if params is None or specialization is None or specialization != jit_specialization(params, args):
+            # counted: on a GPU this says that this Triton specializes otherwise than `jit_specialization`
+            counters["jit_binaries_unmatched"] += 1
+            return None
 
         signature = launch_signature(args, meta)
-
-        if name not in self._sources:
-            self._sources[name] = kernel_source(fn)
-        key = binary_key(self._sources[name], signature, self.arch, self.triton_version)
-        stored = self.store.get(key)
-        binary = None
-        if stored is not None:
-            built_for, files = stored
-            binary = BinaryKernel(fn, built_for, files)
-            if not binary.accepts(args, meta):
-                binary = None
-        self._found[memo] = binary
-        self.lookups[f"{name} {dict(meta)}"] = {"kernel": name, "key": key, "found": binary is not None}
-        return binary
+        key = binary_key(self._source_of(name, kernel), signature, self.arch, self.triton_version, specialization)
+        if self.store.get(key) is not None:
+            return key
+        try:
+            files = binary_files(compiled)
+            stored = self.store.put(key, name, self.arch, self.triton_version,
+                                    {**signature, "specialization": list(specialization)}, files,
+                                    source=textwrap.dedent(inspect.getsource(getattr(kernel, "fn", kernel))))
+        except (OSError, KeyError, StopIteration, ValueError) as error:
+            stored, problem = None, f"{type(error).__name__}: {error}"
+        else:
+            problem = None if stored is not None else "the binary store could not be written"
+        if stored is None:
+            self.writable = False
+            warnings.warn(f"flagtree: cannot store kernel binaries in {self.store.directory} ({problem}); "
+                          "later processes will compile them again", stacklevel=2)
+            return None
+        counters["jit_binaries_stored"] += 1
+        self.lookups.setdefault(f"{name} {dict(meta)} {specialization}", {"kernel": name, "key": key, "found": False,
+                                                                          "specialization": list(specialization)})
+        self.lookups[f"{name} {dict(meta)} {specialization}"]["stored"] = key
+        return key

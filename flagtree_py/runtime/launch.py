@@ -74,7 +74,7 @@ class GuardedKernel:
                               "compiling it with Triton", stacklevel=3)
                 self.binary = None
         if self.content_binaries is not None and self.failed is None and not self.interpreted:
-            binary = self.content_binaries.find(self.name, self.kernel.fn, args, meta)
+            binary = self.content_binaries.find(self.name, self.kernel, args, meta)
             if binary is not None:
                 try:
                     binary.launch(grid, args, meta)
@@ -90,17 +90,30 @@ class GuardedKernel:
                 if self.interpreted:
                     with _interpreter_stdlib():
                         self.kernel[grid](*args, **meta)
-                else:
-                    self.kernel[grid](*args, **meta)
-                return
-            except Exception as error:  # compile errors, interpreter errors, resource limits
+                    return
+                # Triton's JIT returns the CompiledKernel it launched (3.6 and 3.9), just compiled or
+                # taken from its caches: kept by content so that a later process launches it directly
+                compiled = self.kernel[grid](*args, **meta)
+            except Exception as error:  # noqa: BLE001 -- compile errors, interpreter errors, resource limits
                 self.failed = f"{type(error).__name__}: {error}"[:2000]
                 counters["kernel_fallbacks"] += 1
                 first_line = self.failed.splitlines()[0][:200]
                 warnings.warn(f"flagtree: kernel {self.name} failed ({first_line}); running its aten fallback", stacklevel=3)
                 if self.on_failure is not None:
                     self.on_failure(self.name, self.failed)
+            else:
+                if self.content_binaries is not None and compiled is not None:
+                    self._remember(compiled, args, meta)
+                return
         self.fallback(*args)
+
+    def _remember(self, compiled, args, meta) -> None:
+        """Store a JIT build by content; any failure only means it is not stored (never a failed launch)."""
+        try:
+            self.content_binaries.remember(self.name, self.kernel, args, meta, compiled)
+        except Exception as error:  # noqa: BLE001 -- an optimisation for later processes, not this launch
+            warnings.warn(f"flagtree: binary of {self.name} not stored ({type(error).__name__}: {error})", stacklevel=4)
+            self.content_binaries = None
 
 
 def run(kernel: GuardedKernel, grid: tuple, *args, **meta) -> None:

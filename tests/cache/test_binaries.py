@@ -45,6 +45,25 @@ def test_content_key_is_stable_and_holds_what_the_binary_depends_on():
     assert len(set(different) | {_key()}) == len(different) + 1
 
 
+def test_a_jit_builds_specialization_is_part_of_its_key():
+    def keyed(specialization):
+        return binary_key(_SOURCE, _SIGNATURE, "sm90", "3.6.0", specialization)
+
+    # no specialization (an ahead-of-time build): the key is what it always was, so `flagtree compile`'s
+    # binaries keep being found
+    assert keyed(None) == _key()
+    aligned = ("*fp32:D", "*fp32:D", "i32")
+    keys = {keyed(aligned), keyed(("*fp32", "*fp32:D", "i32")), keyed(("*fp32:D", "*fp32:D", "i32:D")),
+            keyed(("*fp32:D", "*fp32:D", "constexpr:1")), _key()}
+    assert len(keys) == 5 and keyed(list(aligned)) == keyed(aligned)
+
+
+def test_put_degrades_to_nothing_stored_where_it_cannot_write(tmp_path):
+    (tmp_path / "binaries").write_text("not a directory")  # mkdir fails, as on a read-only or full disk
+    assert BinaryStore(tmp_path).put(_key(), "k", "sm90", "3.6.0", _SIGNATURE, _FILES) is None
+    assert BinaryStore(tmp_path).get(_key()) is None and list(BinaryStore(tmp_path).entries()) == []
+
+
 def _commented(in_ptr0, xnumel, XBLOCK: int):
     # computes: add_3, mul_7 (node names another torch may number differently)
     x = in_ptr0 + xnumel  # a trailing comment
@@ -82,6 +101,8 @@ def test_put_get_verify_and_tamper(tmp_path):
     assert meta["kernel"] == "k" and meta["triton"] == "3.6.0" and problem is None and size > 0
     files["cubin"].write_bytes(b"\x7fELF tampered")
     assert store.verify(key) == "kernel.cubin does not match its hash" and store.get(key) is None
+    assert store.put(key, "k", "sm90", "3.6.0", _SIGNATURE, _FILES) is not None  # a damaged one is replaced
+    assert store.verify(key) is None and store.get(key)[1]["cubin"].read_bytes() == _FILES["cubin"]
     with pytest.raises(ValueError):
         store.path("../escape")
 
