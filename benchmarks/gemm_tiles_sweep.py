@@ -34,7 +34,7 @@ import flagtree_py
 from flagtree_py.targets import registered_targets
 from flagtree_py.targets.base import GemmConfig
 
-ROWS = {"m16": (1, 16), "m128": (32, 64)}
+ROWS = {"m16": (1, 16), "m128": (32, 64), "large": (2048,)}
 
 
 def grid(bucket: str) -> list[GemmConfig]:
@@ -42,8 +42,12 @@ def grid(bucket: str) -> list[GemmConfig]:
         return [GemmConfig(16, n, k, 128, 4, split)
                 for n, k, split in itertools.product((32, 64, 128), (64, 128, 256), (1, 4, 8, 16))
                 if not (n == 128 and k == 256)]
-    return [GemmConfig(m, n, k, 128 if m * n <= 2048 else 256, stages, 1)
-            for m, n, k, stages in itertools.product((16, 32, 64), (64, 128), (64, 128), (3, 4))]
+    if bucket == "m128":
+        return [GemmConfig(m, n, k, 128 if m * n <= 2048 else 256, stages, 1)
+                for m, n, k, stages in itertools.product((16, 32, 64), (64, 128), (64, 128), (3, 4))]
+    return [GemmConfig(m, n, k, threads, stages, 1)
+            for m, n, k, threads, stages in itertools.product((128,), (128, 256), (64, 128), (256, 512), (3, 4))
+            if not (n == 256 and k == 128)] + [GemmConfig(256, 128, 64, 512, 3), GemmConfig(64, 256, 64, 256, 4)]
 
 
 def time_tile(shape: str, bucket: str, tile: GemmConfig, target: str) -> dict:
@@ -100,7 +104,7 @@ def cublas(shape: str, bucket: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--buckets", nargs="+", default=["m16", "m128"], choices=list(ROWS))
+    parser.add_argument("--buckets", nargs="+", default=["m16", "m128", "large"], choices=list(ROWS))
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--target", default="nvidia-sm90")
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting new tiles after this")

@@ -3,8 +3,8 @@
 Decode is launch-bound: a layer is tens of small kernels, each a few microseconds of launch. A CUDA
 graph replays them all with one launch. How a call is served:
 
-  1. a bucket (the shapes, strides and dtypes of the tensor inputs, the values of integer inputs) is
-     seen for the first time: the call runs normally (warm-up: Triton compiles its kernels, lazy
+  1. a bucket (the values of the graph's dynamic sizes and of its host scalars: Dynamo's guards
+     already fix every other shape, stride, dtype and device of the inputs) is seen for the first time: the call runs normally (warm-up: Triton compiles its kernels, lazy
      allocations happen) and the address of every input is noted;
   2. the bucket's next call captures: an input at the same address as in the warm-up (weights,
      a static KV cache) is read in place by the graph; any other input gets a static buffer that the
@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["CudaGraphRunner", "TorchGraphs", "bucket_key", "why_no_cuda_graphs"]
+__all__ = ["CudaGraphRunner", "TorchGraphs", "why_no_cuda_graphs"]
 
 
 def why_no_cuda_graphs(device_type: str, target_features: frozenset, enabled: bool) -> str | None:
@@ -42,21 +42,6 @@ def why_no_cuda_graphs(device_type: str, target_features: frozenset, enabled: bo
     if "cuda_graphs" not in target_features:
         return "off: the target does not list the cuda_graphs feature"
     return None
-
-
-def bucket_key(args: Sequence) -> tuple:
-    """What a captured graph is specialized on: tensor shapes, strides, dtypes, devices; int values."""
-    key = []
-    for value in args:
-        if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() == 0:
-            key.append(("host scalar", value.item()))  # kernels take its value at capture: baked in
-        elif isinstance(value, torch.Tensor):
-            key.append((tuple(value.shape), tuple(value.stride()), value.dtype, str(value.device)))
-        elif isinstance(value, (int, float, bool)) or value is None:
-            key.append(value)
-        else:
-            key.append(type(value).__name__)
-    return tuple(key)
 
 
 class TorchGraphs:
@@ -148,11 +133,12 @@ class CudaGraphRunner:
     buckets: dict = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
     _boxed_call: bool = True
+    _host_scalars: list | None = None  # positions of 0-dim CPU tensor inputs (values baked in at capture)
 
     def __call__(self, args: list) -> list:
         args = list(args)  # the generated call clears the list it gets; keep our own
-        key = bucket_key(args)
-        reason = self._why_not(args, key)
+        key = self._key(args)
+        reason = None if key in self.buckets else self._why_not(args, key)
         if reason is not None:
             return self._eager(args, reason)
         bucket = self.buckets.get(key)
@@ -187,7 +173,16 @@ class CudaGraphRunner:
         captured, bucket.captured = bucket.captured, None
         self.graphs.release(captured.graph)
 
+    def _key(self, args: list) -> tuple:
+        """The bucket of a call, cheaply: this runs on every replay, where host time is the cost."""
+        if self._host_scalars is None:
+            self._host_scalars = [i for i, value in enumerate(args) if isinstance(value, torch.Tensor)
+                                  and value.device.type == "cpu" and value.dim() == 0]
+        sizes = tuple(int(args[i] if dim is None else args[i].shape[dim]) for i, dim in self.symbolic_positions)
+        return sizes + tuple(args[i].item() for i in self._host_scalars)
+
     def _why_not(self, args: list, key: tuple) -> str | None:
+        """Why a call of a new bucket runs without a graph (a bucket once seen is not asked again)."""
         for value in args:
             if isinstance(value, torch.Tensor) and value.device.type != self.device and value.dim() > 0:
                 return f"a {value.device.type} tensor input"

@@ -11,7 +11,7 @@ import torch
 
 import flagtree_py
 from flagtree_py.options import CompileOptions
-from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, bucket_key, why_no_cuda_graphs
+from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
 
 
 class SimulatedGraphs:
@@ -113,12 +113,12 @@ def test_moved_cache_is_recaptured_and_a_copied_mutated_input_is_written_back():
 
 def test_sizes_buckets_and_failed_capture_fall_back_with_reasons():
     record = {}
-    runner, _ = _runner(graphs=SimulatedGraphs(), sizes=(4,), max_buckets=1, record=record)
+    runner, _ = _runner(graphs=SimulatedGraphs(), sizes=(4, 6), max_buckets=1, record=record)
     weight, cache = torch.randn(1, 3), torch.zeros(8, 3)
     runner([torch.randn(5, 3), weight, cache, 0])
     assert record["cuda_graph_skips"] == {"dynamic size 5 outside cuda_graph_sizes": 1}
     runner([torch.randn(4, 3), weight, cache, 0])
-    runner([torch.randn(4, 3).t().contiguous().t(), weight, cache, 0])  # other strides: another bucket
+    runner([torch.randn(6, 3), weight, cache, 0])  # a second size: a second bucket, over the limit
     assert "more than 1 shape buckets" in record["cuda_graph_skips"]
 
     record = {}
@@ -187,11 +187,15 @@ def test_torch_graphs_start_a_new_pool_once_the_last_graph_is_released(monkeypat
     assert pools["used"][-2] != pools["used"][-1]  # the failed capture's pool is not reused
 
 
-def test_bucket_key_holds_host_scalar_values():
-    a = bucket_key([torch.zeros(2, 3), torch.tensor(1.0), 7])
-    b = bucket_key([torch.ones(2, 3), torch.tensor(2.0), 7])
-    assert a != b and a[0] == b[0]
-    assert bucket_key([torch.zeros(2, 3)]) != bucket_key([torch.zeros(3, 2).t()])
+def test_bucket_key_holds_dynamic_sizes_and_host_scalar_values():
+    """The key is what Dynamo does not guard: the dynamic sizes' values and host scalars (baked
+    into a capture); shapes, strides and dtypes are the compiled graph's own."""
+    runner, _ = _runner()
+    weight, cache = torch.randn(4, 3), torch.zeros(8, 3)
+    a = runner._key([torch.zeros(4, 3), weight, cache, torch.tensor(1.0)])
+    b = runner._key([torch.ones(4, 3), weight, cache, torch.tensor(2.0)])
+    assert a != b and a[0] == b[0] == 4
+    assert runner._key([torch.zeros(5, 3), weight, cache, torch.tensor(1.0)])[0] == 5
 
 
 def test_options_validation_and_hash():
