@@ -54,7 +54,9 @@ _GEMM_TILES = {
             GemmConfig(16, 32, 256, 128, 4, 1), GemmConfig(16, 64, 64, 128, 4, 4)),
     "m128": (GemmConfig(64, 64, 128, 256, 4), GemmConfig(32, 64, 128, 128, 4), GemmConfig(64, 128, 128, 256, 4),
              GemmConfig(64, 64, 64, 128, 4), GemmConfig(128, 64, 64, 256, 3)),
-    "large": (GemmConfig(128, 128, 64, 256, 3), GemmConfig(128, 256, 64, 256, 3), GemmConfig(64, 128, 64, 128, 4),
+    # prefill: 128x256 is fastest for one accumulator; SwiGLU's two would spill (gemm_candidates
+    # drops it) and take 128x128, their best (gemm_tiles_sweep_large_h100_*.json)
+    "large": (GemmConfig(128, 256, 64, 256, 3), GemmConfig(128, 128, 64, 256, 3), GemmConfig(64, 128, 64, 128, 4),
               GemmConfig(128, 64, 64, 128, 4), GemmConfig(128, 128, 32, 256, 4)),
 }
 
