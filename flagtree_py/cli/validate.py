@@ -309,7 +309,7 @@ def greedy_continuation(model, prompt, new_tokens: int):
             with checking_new_grids_only() if between else contextlib.nullcontext():
                 logits = model(tokens)
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True).to(tokens.dtype)], dim=1)
-    return tokens, logits
+    return tokens, logits.clone()  # not a buffer a later call may reuse (CUDA graphs' static outputs)
 
 
 def score_against_float32(model, scored: list, progress: Progress) -> AgreementTally:
