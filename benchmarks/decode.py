@@ -272,7 +272,11 @@ def _flagtree_summary(records: list[dict]) -> dict:
 def agreement(lm, args, device: str, compiled: Decoder, step, cudagraphs: bool = False) -> dict:
     """Top-1 of flagtree vs eager at the largest batch, on the same input tokens (eager's greedy choice),
     each model with its own cache: batch x steps decode positions. Reuses the timed batch's compiled step
-    (and so its cache: a new cache object would make Dynamo compile again)."""
+    (and so its cache: a new cache object would make Dynamo compile again).
+
+    Next to it, `margin_aware` (flagtree_py/cli/agreement.py, as in `flagtree validate`): eager and the compiled
+    step both scored against eager in float32 on the same tokens, and agreement over the positions whose float32
+    top-1 margin exceeds twice eager's own logit error (where rounding cannot flip the choice)."""
     batch, steps = compiled.batch, args.agreement_steps
     eager = Decoder(lm, batch, compiled.max_len, device)
     graphs_before = _dynamo_graphs()
@@ -280,13 +284,18 @@ def agreement(lm, args, device: str, compiled: Decoder, step, cudagraphs: bool =
     tokens = eager.prefill(context)[:, -1].argmax(-1, keepdim=True)
     compiled.prefill(context)
     agree, positions, worst, scale, margins = 0, 0, 0.0, 0.0, []
+    fed, eager_logits, compiled_logits = [], [], []  # per step, in the model's dtype, for the float32 reference
     with torch.no_grad():
         for i in range(steps):
             position = torch.full((batch, 1), args.context + i, device=device)
-            want = eager.forward(tokens, position)[:, -1].float()
+            want = eager.forward(tokens, position)[:, -1]
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            got = step(tokens, position)[:, -1].float()
+            got = step(tokens, position)[:, -1].clone()  # a CUDA graph's output is overwritten by its next replay
+            fed.append(tokens)
+            eager_logits.append(want)
+            compiled_logits.append(got)
+            want, got = want.float(), got.float()
             top2 = want.topk(2, dim=-1).values
             margins.append((top2[:, 0] - top2[:, 1]).cpu())
             agree += int((want.argmax(-1) == got.argmax(-1)).sum().item())
@@ -294,11 +303,52 @@ def agreement(lm, args, device: str, compiled: Decoder, step, cudagraphs: bool =
             worst = max(worst, (got - want).abs().max().item())
             scale = max(scale, want.abs().max().item())
             tokens = want.argmax(-1, keepdim=True)
+    graphs = _dynamo_graphs() - graphs_before
+    eager = None  # its cache's memory goes to the float32 reference's
     return {"batch": batch, "steps": steps, "positions": positions, "top1_agreement": agree / positions,
             "max_abs_logit_error": worst, "max_rel_logit_error": worst / scale if scale else 0.0,
-            "dynamo_graphs_compiled": _dynamo_graphs() - graphs_before,
+            "dynamo_graphs_compiled": graphs,
             # eager's top-1 minus top-2 logit per position: how close to a tie random weights leave it
-            "eager_top1_margin_quantiles": _quantiles(torch.cat(margins)) if margins else {}}
+            "eager_top1_margin_quantiles": _quantiles(torch.cat(margins)) if margins else {},
+            "margin_aware": _guarded(margin_aware, lm, args, device, context, fed, eager_logits, compiled_logits)}
+
+
+#: rows of the batch run at once by the float32 reference (its cache and weights take twice bf16's memory)
+REFERENCE_ROWS = 8
+
+
+def margin_aware(lm, args, device: str, context, fed: list, eager_logits: list, compiled_logits: list) -> dict:
+    """Eager float32 on the agreement's tokens, a few rows of the batch at a time; `lm` is converted to float32
+    in place and back (exact: bf16 values are float32 values). Called after the compiled step's last use."""
+    from flagtree_py.cli.agreement import AgreementTally
+
+    eager, compiled = torch.stack(eager_logits, 1), torch.stack(compiled_logits, 1)  # [batch, steps, vocab]
+    dtype = lm.dtype
+    if dtype == torch.float32:
+        tally = AgreementTally("eager (the float32 model itself)")
+        tally.add(eager, compiled, eager)
+        return tally.summary()
+    tally = AgreementTally("eager in float32 (the same weights)")
+    tokens = torch.cat(fed, 1)  # [batch, steps]: what both models were fed
+    lm.float()
+    try:
+        with torch.no_grad():
+            for first in range(0, context.shape[0], REFERENCE_ROWS):
+                rows = slice(first, first + REFERENCE_ROWS)
+                reference = Decoder(lm, context[rows].shape[0], context.shape[1] + tokens.shape[1] + 1, device)
+                positions = torch.arange(context.shape[1], device=device).expand(context[rows].shape[0], -1)
+                reference.cache.reset()
+                lm(input_ids=context[rows], position_ids=positions, past_key_values=reference.cache, use_cache=True,
+                   logits_to_keep=1)  # the prefill's logits are not scored: only the last one is computed
+                logits = []
+                for i in range(tokens.shape[1]):
+                    position = torch.full((context[rows].shape[0], 1), context.shape[1] + i, device=device)
+                    logits.append(reference.forward(tokens[rows, i:i + 1], position)[:, -1])
+                tally.add(eager[rows], compiled[rows], torch.stack(logits, 1))
+                reference = logits = None
+    finally:
+        lm.to(dtype)
+    return tally.summary()
 
 
 def _quantiles(values: torch.Tensor) -> dict:
@@ -476,6 +526,15 @@ def _brief(result: dict) -> str:
         return result.get("error") or result["skipped"]
     parts = [f"b{b}: {e['ms_per_step']} ms/step, first call {e['first_call_s']} s" if "ms_per_step" in e
              else f"b{b}: {e.get('error', '?')[:200]}" for b, e in result["batches"].items()]
+    agreement = result.get("agreement", {})
+    if "top1_agreement" in agreement:
+        parts.append(f"top-1 vs eager {agreement['top1_agreement']:.2%} over {agreement['positions']} positions")
+        margin = agreement.get("margin_aware", {})
+        if "top1_vs_reference" in margin:
+            vs, kept = margin["top1_vs_reference"], margin["top1_agreement_kept"]
+            parts.append(f"vs float32: eager {vs['eager']:.2%}, compiled {vs['compiled']:.2%}; "
+                         f"{'n/a' if kept is None else f'{kept:.2%}'} over the {margin['positions_kept']} positions "
+                         f"with a float32 margin above {margin['min_margin']:.3g}")
     return "; ".join(parts)
 
 

@@ -3,28 +3,39 @@
 Runs the same prompts through eager PyTorch and through `torch.compile(model, backend="flagtree")` and
 reports: the logit error on every position (absolute, and relative to the eager logits' scale), top-1
 agreement over all positions, whether greedy continuations are identical (or the first position where
-they differ), and the kernel furthest from its aten twin (option check_kernels: every kernel launch is
-recomputed with aten), which is where to look when the model disagrees.
+they differ), and the kernel furthest from its aten twin (option check_kernels: kernel launches are
+recomputed with aten), which is where to look when the model disagrees. Next to plain top-1 agreement, two
+margin-aware figures (cli/agreement.py) separate near-tied logits from compiler error: agreement of eager and
+of the compiled model with a float32 eager reference, and agreement over the positions whose reference
+top-1 margin exceeds a bound.
+
+Each continuation's last step runs the model on the whole scored sequence (the prompt and every generated
+token but the last), so its logits are the ones scored: no extra pass, unless the continuations differ.
+Kernels are checked in full on each prompt's first and last step, and on the steps between them where a
+kernel meets a launch grid it has not been checked with (runtime/check.py: checking_new_grids_only).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
 
+from flagtree_py.cli.agreement import DEFAULT_BOUND, AgreementTally, format_margin_aware
 from flagtree_py.cli.common import Progress, error, format_table, fraction, non_negative_float, positive_int
 from flagtree_py.cli.demo import _compile_facts, _target_name, _versions
 
 DTYPES = ("float32", "bfloat16", "float16")
 
-#: prompts used when --prompts is not given: short, plain, different in length
+#: prompts used when --prompts is not given: plain, different in length. Short on purpose: without a KV
+#: cache every greedy step reruns the whole sequence, and on the CPU kernels run in Triton's interpreter; a
+#: prompt under 16 tokens also takes the small-M GEMM (split-K) and flash-decoding paths at its first steps.
 DEFAULT_PROMPTS = (
     "The capital of France is",
-    "def fibonacci(n):",
-    "In 1905 Albert Einstein published four papers that",
+    "def f(n):",
 )
 
 #: --max-kernel-error default per dtype: a kernel's max |kernel - aten| over the launch's max |aten value|.
@@ -40,8 +51,13 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1].replace("\n", " "),
         epilog="Prompts are encoded with the model directory's tokenizer when it has one; otherwise (and for "
         "--tiny presets, which have no tokenizer) each UTF-8 byte of a prompt is one token id (modulo the "
-        "vocabulary size), deterministically. exit status: 0 agreement at or above --min-top1 and every kernel "
-        "within --max-kernel-error, 1 not (or a graph was not compiled by flagtree), 2 bad input",
+        "vocabulary size), deterministically. Margin-aware figures (reported, never judged): 'vs float32' is the "
+        "top-1 agreement of eager and of the compiled model with eager run in float32 on the same sequences (the "
+        "model itself when --dtype is float32): a compiler as correct as eager agrees with float32 as often as eager "
+        "does; 'clear margins' is compiled-vs-eager top-1 agreement over the positions whose float32 top-1 margin "
+        "(top-1 minus top-2 logit) exceeds --min-margin, where no rounding can flip the choice, so anything below "
+        "100% there is a defect. exit status: 0 agreement at or above --min-top1 and every kernel within "
+        "--max-kernel-error, 1 not (or a graph was not compiled by flagtree), 2 bad input",
     )
     parser.add_argument("model", help="a preset name (see `flagtree demo --preset`) or a Hugging Face model "
                         "directory with weights (config.json, *.safetensors)")
@@ -54,13 +70,17 @@ def add_parser(subparsers) -> None:
                         help="auto (from the device; the default), interpreter, nvidia, metax, iluvatar, or a name "
                         "from `flagtree targets`")
     parser.add_argument("--prompts", type=Path, default=None,
-                        help="a UTF-8 text file, one prompt per non-empty line (default: three built-in prompts)")
+                        help="a UTF-8 text file, one prompt per non-empty line (default: two built-in prompts)")
     parser.add_argument("--tokens", type=positive_int, default=64,
                         help="greedy tokens to generate per prompt (default: 64)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights and activations (default: float32 on the CPU, bfloat16 on a GPU)")
     parser.add_argument("--min-top1", type=fraction, default=0.999,
-                        help="exit 1 when top-1 agreement over all positions is below this (0..1; default 0.999)")
+                        help="exit 1 when top-1 agreement over all positions is below this (0..1; default 0.999); "
+                        "plain agreement, compiled vs eager in --dtype")
+    parser.add_argument("--min-margin", type=non_negative_float, default=None,
+                        help="the 'clear margins' figure keeps positions whose float32 reference top-1 margin exceeds "
+                        f"this many logits (default: {DEFAULT_BOUND}; 0 for a float32 model)")
     parser.add_argument("--max-kernel-error", type=non_negative_float, default=None,
                         help="exit 1 when a kernel's error relative to its aten twin exceeds this (default by "
                         "dtype: " + ", ".join(f"{k} {v:g}" for k, v in KERNEL_TOLERANCE.items()) + ")")
@@ -105,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, description = load_model(args.model, is_directory, args.tiny, args.layers, dtype, device,
                                                args.seed, progress)
     tolerance = args.max_kernel_error if args.max_kernel_error is not None else KERNEL_TOLERANCE[dtype]
-    summary = validate_model(model, tokenizer, prompts, args.tokens, args.target, device, progress)
+    summary = validate_model(model, tokenizer, prompts, args.tokens, args.target, device, progress, args.min_margin)
     summary = {**description, "dtype": dtype, "device": device, "requested_target": args.target, **summary}
     judge(summary, args.min_top1, tolerance)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -197,17 +217,16 @@ def load_model(name: str, is_directory: bool, tiny: bool, layers: int | None, dt
 
 
 def validate_model(model, tokenizer, prompts: list[str], new_tokens: int, target: str, device: str,
-                   progress: Progress) -> dict:
+                   progress: Progress, min_margin: float | None = None) -> dict:
     """Compile with check_kernels on, then compare eager and compiled on every prompt (what --json shows)."""
     import torch
 
     import flagtree_py
-    from flagtree_py.models import greedy_generate
 
     first_record = len(flagtree_py.report())
     compiled = torch.compile(model, backend="flagtree", dynamic=True,
                              options={"target": target, "check_kernels": True})
-    results, errors, eager_magnitudes, agree, positions = [], [], [], 0, 0
+    results, errors, eager_magnitudes, agree, positions, scored = [], [], [], 0, 0, []
     start = time.perf_counter()
     for number, text in enumerate(prompts, 1):
         ids = tokenizer.encode(text)
@@ -215,14 +234,17 @@ def validate_model(model, tokenizer, prompts: list[str], new_tokens: int, target
             ids = [0]
         prompt = torch.tensor([ids], device=device)
         progress.note(f"prompt {number}/{len(prompts)}: {len(ids)} tokens, greedy {new_tokens} tokens, eager")
-        eager_tokens = greedy_generate(model, prompt, new_tokens)
+        eager_tokens, eager_logits = greedy_continuation(model, prompt, new_tokens)
         progress.note(f"prompt {number}/{len(prompts)}: flagtree")
-        compiled_tokens = greedy_generate(compiled, prompt, new_tokens)
-        # both models on eager's whole sequence: every position is scored against the same prefix
+        compiled_tokens, compiled_logits = greedy_continuation(compiled, prompt, new_tokens)
+        # both models on eager's whole sequence: every position is scored against the same prefix. Each last
+        # step ran on its own sequence minus the last token, eager's too when the continuations are identical.
         sequence = eager_tokens[:, :-1].clone(memory_format=torch.contiguous_format)
-        with torch.no_grad():
-            eager_logits = model(sequence).double()
-            compiled_logits = compiled(sequence).double()
+        if not torch.equal(compiled_tokens, eager_tokens):
+            with torch.no_grad():
+                compiled_logits = compiled(sequence)
+        scored.append((sequence, eager_logits, compiled_logits))
+        eager_logits, compiled_logits = eager_logits.double(), compiled_logits.double()
         difference = (compiled_logits - eager_logits).abs()
         errors.append(difference.flatten())
         eager_magnitudes.append(eager_logits.abs().flatten())
@@ -240,6 +262,7 @@ def validate_model(model, tokenizer, prompts: list[str], new_tokens: int, target
             "eager_continuation": eager_new, "compiled_continuation": compiled_new,
             "eager_text": tokenizer.decode(eager_new),
         })
+    margin_aware = score_against_float32(model, scored, progress).summary(min_margin)
     elapsed = time.perf_counter() - start
     error_values, magnitudes = torch.cat(errors), torch.cat(eager_magnitudes)
     records = flagtree_py.report()[first_record:]
@@ -258,6 +281,7 @@ def validate_model(model, tokenizer, prompts: list[str], new_tokens: int, target
         "max_rel_logit_error": max_abs / scale_max if scale_max else 0.0,
         "mean_rel_logit_error": mean_abs / scale_mean if scale_mean else 0.0,
         "logit_scale": {"max_abs": scale_max, "mean_abs": scale_mean},
+        "margin_aware": margin_aware,
         "kernels": kernel_errors(records),
         "seconds": round(elapsed, 2),
         "results": results,
@@ -267,6 +291,46 @@ def validate_model(model, tokenizer, prompts: list[str], new_tokens: int, target
                                                 "graph_fallbacks", "triton_kernels", "kernel_failures")})
     summary["versions"] = _versions()
     return summary
+
+
+def greedy_continuation(model, prompt, new_tokens: int):
+    """(prompt + `new_tokens` greedy ids, the last step's logits [1, len - 1, vocab]): no KV cache, each step
+    runs the whole sequence so far. Kernel checks in full on the first step (the prompt) and the last (the
+    scored sequence), in between only on launch grids new to a kernel (a no-op for eager)."""
+    import torch
+
+    from flagtree_py.runtime.check import checking_new_grids_only
+
+    tokens = prompt.clone()  # a fresh tensor, not a view: Dynamo guards on a view's base (one recompile)
+    logits = None
+    with torch.no_grad():
+        for step in range(new_tokens):
+            between = 0 < step < new_tokens - 1
+            with checking_new_grids_only() if between else contextlib.nullcontext():
+                logits = model(tokens)
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True).to(tokens.dtype)], dim=1)
+    return tokens, logits.clone()  # not a buffer a later call may reuse (CUDA graphs' static outputs)
+
+
+def score_against_float32(model, scored: list, progress: Progress) -> AgreementTally:
+    """The margin-aware tally: eager and compiled logits of each scored sequence against eager float32 logits.
+    A 16-bit model is converted to float32 in place for this (after every compiled run: the compiled model
+    is not called again), which is exact: every 16-bit value is a float32 value."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float32:
+        tally = AgreementTally("eager (the float32 model itself)")
+        for _, eager, compiled in scored:
+            tally.add(eager, compiled, eager)
+        return tally
+    progress.note("float32 reference: eager in float32 on the scored sequences")
+    model.float()
+    tally = AgreementTally("eager in float32 (the same weights)")
+    with torch.no_grad():
+        for sequence, eager, compiled in scored:
+            tally.add(eager, compiled, model(sequence))
+    return tally
 
 
 def kernel_errors(records: list[dict]) -> dict:
@@ -319,6 +383,7 @@ def format_summary(summary: dict) -> str:
         ("logit error", (f"max {s['max_abs_logit_error']:.3g} ({s['max_rel_logit_error']:.3g} of max |logit|), "
                         f"mean {s['mean_abs_logit_error']:.3g} ({s['mean_rel_logit_error']:.3g} of mean |logit|)")),
         ("greedy", f"{s['greedy_identical']} of {s['prompts']} continuations identical for {s['new_tokens']} tokens"),
+        *format_margin_aware(s["margin_aware"]),
     ]
     if worst is None:
         total.append(("worst kernel", "no kernel was checked"))

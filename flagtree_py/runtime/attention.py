@@ -104,3 +104,19 @@ def combine_fallback(partial, lse, out, stride_ob, stride_oh, stride_om, stride_
     weight = torch.exp2(lse - lse.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0))
     merged = (partial * weight[..., None]).sum(-2) / weight.sum(-1, keepdim=True).clamp_min(math.ulp(0.0))
     out.copy_(merged[..., : out.shape[-1]])
+
+
+def decode_reference(q, k, v, mask, partial, lse, *ints_and_scale, mask_kind: str, causal: bool) -> torch.Tensor:
+    """What flash-decoding's two steps produce together (the attention output), with aten ops."""
+    return _reference(q, k, v, mask, ints_and_scale[12:16], mask_kind, causal, ints_and_scale[-1])
+
+
+# What check_kernels (runtime/check.py) compares. Prefill writes `out`. Flash-decoding is checked as a pair:
+# step 1's chunking of the KV length is the kernel's own (its twin puts everything in chunk 0), so its
+# scratch is not compared; step 2's output is, against `decode_reference`, found through the shared `partial`.
+prefill_fallback.writes = ("out",)
+decode_fallback.writes = ()
+decode_fallback.pair_reference = decode_reference
+decode_fallback.pair_scratch = "partial"
+combine_fallback.writes = ("out",)  # step 2 alone, on step 1's scratch, as well
+combine_fallback.pair_scratch = "partial"

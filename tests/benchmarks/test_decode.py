@@ -47,6 +47,10 @@ def test_decode_smoke(tmp_path):
     assert agreement["positions"] == 2 * 4 and agreement["top1_agreement"] == 1.0
     assert agreement["dynamo_graphs_compiled"] == 0  # the timed step's graph served it
     assert agreement["max_rel_logit_error"] < 1e-5  # float32: summation order only
+    margin = agreement["margin_aware"]  # float32: eager is its own reference; every position is clear of ties
+    assert margin["reference"] == "eager (the float32 model itself)" and margin["min_margin"] == 0
+    assert margin["positions"] == margin["positions_kept"] == 2 * 4
+    assert margin["top1_vs_reference"] == {"eager": 1.0, "compiled": 1.0} and margin["top1_agreement_kept"] == 1.0
     recompiles = cold["recompiles"]
     assert recompiles["layers"] == 1 and recompiles["lengths"] == [1, 2, 5] and recompiles["new_graph_at_lengths"][0] == 1
     assert recompiles["recompiles"] == len(recompiles["new_graph_at_lengths"]) - 1

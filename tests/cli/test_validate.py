@@ -1,9 +1,9 @@
 """`flagtree validate`: compiled vs eager on the tiny presets (the consistency check of issue 9), the JSON
 schema, a model directory with weights and a tokenizer, a wrong kernel caught and named, bad input.
 
-A validation of a tiny preset with 64 greedy tokens takes about a minute on the CPU machine (every step
-reruns the whole sequence, kernels run in Triton's interpreter and again as aten for the kernel check),
-so those tests are marked slow; they still run in CI.
+A validation of a tiny preset with 64 greedy tokens takes minutes on the CPU machine (every step reruns the
+whole sequence and kernels run in Triton's interpreter), so those tests are marked slow; they still run in CI.
+What only needs a kernel caught runs 2 tokens, on one short prompt.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from flagtree_py.cli.agreement import AgreementTally
 from flagtree_py.cli.main import main
 from flagtree_py.cli.validate import DEFAULT_PROMPTS, format_summary
 from flagtree_py.codegen import wrapper
@@ -29,18 +30,21 @@ SUMMARY_KEYS = {
     "model", "source", "architecture", "layers", "vocab_size", "tokenizer", "dtype", "device", "requested_target",
     "prompts", "new_tokens", "positions", "top1_agreement", "top1_mismatches", "greedy_identical",
     "max_abs_logit_error", "mean_abs_logit_error", "max_rel_logit_error", "mean_rel_logit_error", "logit_scale",
-    "kernels", "seconds", "results", "target", "target_reason", "executor", "graphs_compiled", "graph_fallbacks",
+    "margin_aware", "kernels", "seconds", "results", "target", "target_reason", "executor", "graphs_compiled", "graph_fallbacks",
     "triton_kernels", "kernel_failures", "versions", "thresholds", "failures", "passed",
 }
 RESULT_KEYS = {"prompt", "prompt_tokens", "positions", "top1_agreement", "max_abs_logit_error", "greedy_identical",
                "first_difference", "eager_continuation", "compiled_continuation", "eager_text"}
 KERNEL_KEYS = {"graph", "kernel", "launches", "max_abs_error", "max_rel_error", "nodes"}
+MARGIN_KEYS = {"reference", "positions", "top1_vs_reference", "max_abs_logit_error_vs_reference", "min_margin",
+               "min_margin_source", "positions_kept", "top1_agreement_kept", "top1_vs_reference_kept",
+               "reference_margin_quantiles"}
 
 
 @pytest.fixture(scope="module")
 def one_prompt(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\nThe capital of France is\n\n")  # blank lines are skipped
+    path.write_text("\nParis is\n\n")  # blank lines are skipped
     return str(path)
 
 
@@ -65,10 +69,17 @@ def _assert_agrees(summary: dict, prompts: int) -> None:
     assert summary["positions"] == sum(r["positions"] for r in summary["results"])
     assert 0 < summary["max_rel_logit_error"] < FLOAT32_RELATIVE_LOGIT_ERROR
     assert 0 < summary["mean_abs_logit_error"] <= summary["max_abs_logit_error"]
+    margin = summary["margin_aware"]
+    # float32: eager is its own reference, so the bound is 0 and only exact ties (none here) are dropped
+    assert set(margin) == MARGIN_KEYS and margin["reference"] == "eager (the float32 model itself)"
+    assert margin["positions"] == margin["positions_kept"] == summary["positions"] and margin["min_margin"] == 0
+    assert margin["top1_vs_reference"] == {"eager": 1.0, "compiled": 1.0} == margin["top1_vs_reference_kept"]
+    assert margin["top1_agreement_kept"] == 1.0
     kernels = summary["kernels"]
-    # a dynamic graph holds kernels for paths these lengths never take (GEMM split-K for M <= 16, attention
-    # decode), and attention kernels are not compared yet (their aten twins declare no outputs)
+    # a dynamic graph may hold kernels for paths these lengths never take (GEMM for M > 128); attention is
+    # checked (flash-decoding as a pair under step 1's name)
     assert 0 < kernels["checked"] <= summary["triton_kernels"]
+    assert any(k["kernel"].startswith("k_attention") for k in kernels["all"]), kernels["all"]
     assert kernels["worst"] == kernels["all"][0] and set(kernels["worst"]) == KERNEL_KEYS
     assert kernels["worst"]["max_rel_error"] < summary["thresholds"]["max_kernel_error"] == 1e-4
     assert all(k["launches"] > 0 for k in kernels["all"])
@@ -87,11 +98,12 @@ def test_qwen3_tiny_agrees_with_eager(run_cli):
     if not CUDA:
         assert (summary["device"], summary["executor"]) == ("cpu", "interpreter")
     _assert_agrees(summary, prompts=len(DEFAULT_PROMPTS))
-    assert "prompt 3/3: flagtree" in result.stderr  # progress goes to stderr, stdout stays JSON
+    assert "prompt 2/2: flagtree" in result.stderr  # progress goes to stderr, stdout stays JSON
 
     table = format_summary(summary)
     assert table.startswith("flagtree validate: qwen3 (preset Qwen/Qwen3-8B, tiny")
-    assert "100.0000% over" in table and "3 of 3 continuations identical for 64 tokens" in table
+    assert "100.0000% over" in table and "2 of 2 continuations identical for 64 tokens" in table
+    assert "vs float32       top-1 agreement with eager (the float32 model itself): eager 100.0000%" in table
     assert f"worst kernel     {summary['kernels']['worst']['kernel']} in graph_" in table
     assert table.endswith("PASSED")
 
@@ -100,7 +112,7 @@ def test_qwen3_tiny_agrees_with_eager(run_cli):
 @pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "step3"])
 def test_moe_presets_tiny_agree_with_eager(run_cli, one_prompt, preset):
     summary = _summary(run_cli("validate", preset, "--tiny", "--prompts", one_prompt, "--json", timeout=LONG_RUN_S))
-    assert summary["model"] == preset and summary["results"][0]["prompt"] == "The capital of France is"
+    assert summary["model"] == preset and summary["results"][0]["prompt"] == "Paris is"
     _assert_agrees(summary, prompts=1)
 
 
@@ -124,7 +136,7 @@ def test_model_directory_with_weights_and_tokenizer(tmp_path, one_prompt, capsys
     assert status == 0, summary["failures"]
     assert summary["source"] == "model directory (its weights)" and summary["architecture"] == "Qwen3ForCausalLM"
     assert summary["tokenizer"].endswith(f" from {tmp_path}") and "bytes" not in summary["tokenizer"]
-    assert summary["results"][0]["prompt_tokens"] == 5  # five words, not 24 bytes: the tokenizer was used
+    assert summary["results"][0]["prompt_tokens"] == 2  # two words, not 8 bytes: the tokenizer was used
     assert summary["top1_agreement"] == 1.0 and summary["greedy_identical"] == 1
     assert summary["max_rel_logit_error"] < FLOAT32_RELATIVE_LOGIT_ERROR
 
@@ -140,7 +152,7 @@ def test_a_wrong_kernel_fails_validation_and_is_named(monkeypatch, one_prompt, c
         return k.emit(f"{value.name} * 1.03", value.dtype)
 
     monkeypatch.setitem(wrapper._LOWERINGS, torch.ops.aten.cos.default, wrong_cos)
-    status = main(["validate", "qwen3", "--tiny", "--prompts", one_prompt, "--tokens", "4", "--json"])
+    status = main(["validate", "qwen3", "--tiny", "--prompts", one_prompt, "--tokens", "2", "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert status == 1 and not summary["passed"]
     worst = summary["kernels"]["worst"]
@@ -154,6 +166,72 @@ def test_a_wrong_kernel_fails_validation_and_is_named(monkeypatch, one_prompt, c
     assert verdict.startswith("FAILED: ") and f"kernel {worst['kernel']} (graph_" in verdict
 
 
+@pytest.mark.slow
+def test_a_wrong_attention_kernel_fails_validation_and_is_named(monkeypatch, one_prompt, capsys):
+    """Flash-decoding's step 1 scales its chunk outputs by 1.03 (the prompt's 8 and 9 tokens take the decode
+    path): the pair's output differs from the aten attention by 3%, reported under step 1's name."""
+    render = wrapper.render_template
+    exact = "out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]"
+
+    def wrong_decode(name, target, **values):
+        source = render(name, target, **values)
+        return source.replace(exact, exact + " * 1.03") if name == "attention_decode.py.jinja" else source
+
+    monkeypatch.setattr(wrapper, "render_template", wrong_decode)
+    status = main(["validate", "qwen3", "--tiny", "--prompts", one_prompt, "--tokens", "2", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert status == 1 and not summary["passed"]
+    worst = summary["kernels"]["worst"]
+    assert worst["kernel"].startswith("k_attention") and worst["kernel"].endswith("_decode"), worst
+    assert "attention" in worst["nodes"] and 0.01 < worst["max_rel_error"] < 0.05
+    assert worst["launches"] == 2 * summary["layers"]  # one pair per layer and step
+    assert any(f"kernel {worst['kernel']} " in failure for failure in summary["failures"])
+    for kernel in summary["kernels"]["all"][1:]:  # upstream kernels, and the combine on its own, agree
+        assert kernel["max_rel_error"] < 1e-4 or kernel["kernel"].startswith("k_attention"), kernel
+
+
+@pytest.mark.slow
+def test_float16_is_scored_against_a_float32_reference(one_prompt, capsys):
+    """--dtype float16 (the 16-bit type Triton's interpreter handles): eager and compiled are both scored against
+    eager float32, and on the positions whose float32 margin exceeds twice eager's own float16 error the
+    compiled model agrees with eager."""
+    status = main(["validate", "qwen3", "--tiny", "--dtype", "float16", "--prompts", one_prompt, "--tokens", "4",
+                   "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert status == 0, summary["failures"]
+    margin = summary["margin_aware"]
+    assert set(margin) == MARGIN_KEYS and margin["reference"] == "eager in float32 (the same weights)"
+    assert margin["positions"] == summary["positions"] == 8 + 3
+    eager_error = margin["max_abs_logit_error_vs_reference"]["eager"]
+    assert 0 < eager_error < 0.05  # float16 rounding of logits ~1 in size: a few 1e-3
+    assert margin["min_margin"] == 2 * eager_error and margin["min_margin_source"].startswith("2 x eager's")
+    assert 0 < margin["positions_kept"] <= margin["positions"]
+    assert margin["top1_agreement_kept"] == 1.0
+    assert all(0.0 <= value <= 1.0 for value in margin["top1_vs_reference"].values())
+    table = format_summary(summary)
+    assert "vs float32       top-1 agreement with eager in float32 (the same weights): eager " in table
+    assert f"over the {margin['positions_kept']} positions whose reference top-1 margin exceeds" in table
+
+
+def test_margin_aware_tally_keeps_clear_positions():
+    """Hand-made logits: position 0 is clear, 1 near-tied (flipped by compiled), 2 flipped by eager's error."""
+    reference = torch.tensor([[5.0, 1.0, 0.0], [2.0, 1.95, 0.0], [3.0, 2.9, 0.0]])
+    eager = reference + torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-0.06, 0.06, 0.0]])
+    compiled = reference + torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 0.0]])
+    tally = AgreementTally("test reference")
+    tally.add(eager, compiled, reference)
+    summary = tally.summary()
+    assert summary["positions"] == 3 and summary["max_abs_logit_error_vs_reference"]["eager"] == pytest.approx(0.06)
+    assert summary["top1_vs_reference"]["eager"] == pytest.approx(2 / 3)  # position 2
+    assert summary["top1_vs_reference"]["compiled"] == pytest.approx(2 / 3)  # position 1
+    # the bound is 2 x 0.06: only position 0 (margin 4) is clear; there compiled and eager agree
+    assert summary["min_margin"] == pytest.approx(0.12) and summary["positions_kept"] == 1
+    assert summary["top1_agreement_kept"] == 1.0
+    given = tally.summary(min_margin=0.07)  # keeps positions 0 and 2 (margins 4 and 0.1)
+    assert given["positions_kept"] == 2 and given["min_margin_source"] == "given (--min-margin)"
+    assert given["top1_agreement_kept"] == 0.5 and given["top1_vs_reference_kept"] == {"eager": 0.5, "compiled": 1.0}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -162,6 +240,7 @@ def test_a_wrong_kernel_fails_validation_and_is_named(monkeypatch, one_prompt, c
         (["qwen3", "--tiny", "--min-top1", "1.5"], "argument --min-top1: expected a fraction between 0 and 1, got '1.5'"),
         (["qwen3", "--tiny", "--min-top1", "most"], "argument --min-top1: expected a fraction between 0 and 1"),
         (["qwen3", "--tiny", "--max-kernel-error", "-1"], "argument --max-kernel-error: expected a number >= 0"),
+        (["qwen3", "--tiny", "--min-margin", "-0.5"], "argument --min-margin: expected a number >= 0"),
         (["qwen3", "--tiny", "--tokens", "0"], "argument --tokens: expected a positive integer, got '0'"),
         (["qwen3", "--tiny", "--target", "tpu"], "unknown flagtree target 'tpu'; known: "),
         (["qwen3", "--tiny", "--prompts", "/no/such/prompts.txt"], "cannot read --prompts /no/such/prompts.txt"),
