@@ -23,11 +23,13 @@ INTERPRETER = TargetSpec(
     reduction_elements=65536,
     persistent_reduction_limit=16384,
     looped_rblock=4096,
-    # small tiles: tests use tiny shapes, and odd sizes must cross tile edges
+    # each program is a Python-level step: wide tiles run tiny models fastest (a third less time for a
+    # 64-token qwen3 validate than 16x32 tiles); the second tile of each bucket is small, so odd sizes
+    # still cross tile edges where the tests ask for it (autotuning, explicit tiles)
     gemm_tiles={
-        "m16": (GemmConfig(16, 32, 16, 128, 1, 2), GemmConfig(16, 16, 16, 128, 1, 3)),
-        "m128": (GemmConfig(16, 32, 32, 128, 1), GemmConfig(32, 16, 16, 128, 1)),
-        "large": (GemmConfig(32, 32, 32, 128, 1), GemmConfig(64, 64, 16, 128, 1)),
+        "m16": (GemmConfig(16, 64, 32, 128, 1, 2), GemmConfig(16, 16, 16, 128, 1, 3)),
+        "m128": (GemmConfig(32, 64, 32, 128, 1), GemmConfig(32, 16, 16, 128, 1)),
+        "large": (GemmConfig(64, 64, 32, 128, 1), GemmConfig(32, 32, 16, 128, 1)),
     },
     source="no hardware: Triton's interpreter (TRITON_INTERPRET)",
 )
