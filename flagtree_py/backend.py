@@ -34,7 +34,7 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         # aten_inputs are fake tensors; Dynamo's example_inputs are the real ones (parameters
         # included, in the same order when AOTAutograd added or removed none): the layout passes
         # need the real parameters
-        phases = {"aot_capture": time.perf_counter() - entered}  # AOTAutograd's trace and decompositions
+        phases.update(aot_capture=time.perf_counter() - entered)  # AOTAutograd's trace and decompositions
         return safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name, real_inputs=example_inputs,
                                   phases=phases)
 
@@ -42,7 +42,8 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         # flagtree compiles inference; a backward (training) graph runs as plain aten
         return make_boxed_func(aten_gm.forward)
 
-    return aot_module_simplified(
+    phases: dict = {}  # the compile record's phases_s (pipeline.py), the same dict
+    compiled = aot_module_simplified(
         gm,
         example_inputs,
         fw_compiler=forward_compiler,
@@ -50,3 +51,6 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         decompositions=flagtree_decompositions(),
         keep_inference_input_mutations=True,
     )
+    if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
+        phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
+    return compiled

@@ -197,7 +197,9 @@ class _PhaseClock:
     """Wall seconds of consecutive compile phases: `done(name)` closes the phase that just ran."""
 
     def __init__(self, before: dict | None) -> None:
-        self.seconds = {name: round(value, 4) for name, value in (before or {}).items()}
+        # the caller's dict itself: backend.py adds what AOTAutograd does after the compile returns
+        self.seconds = before if before is not None else {}
+        self.seconds.update({name: round(value, 4) for name, value in self.seconds.items()})
         self.last = time.perf_counter()
 
     def done(self, name: str) -> None:
