@@ -3,7 +3,9 @@
 The module is meant to be read (`flagtree cache show`): `call(args)` runs, in a topological
 order, the extern aten ops, the views they need, and one `run(kernel, grid, ...)` per fusion
 group; each kernel has a `*_fallback` twin with the same signature that computes the group with
-aten ops, used if the kernel fails to build or run.
+aten ops, used if the kernel fails to build or run. Groups of the same structure (the same norm or
+GEMM in every decoder layer) launch one kernel, the first group's (share_kernels.py): the module's
+kernel count, and the Triton compiles behind it, do not grow with the layer count.
 """
 
 from __future__ import annotations
