@@ -135,8 +135,17 @@ phases = {}
 for record in records:
     for name, seconds in record.get("phases_s", {}).items():
         phases[name] = round(phases.get(name, 0.0) + seconds, 3)
+dynamo = {}
+try:  # Dynamo's trace (both attempts, when it restarts) and the backend it calls; the rest of the first call
+    from torch._dynamo.utils import compile_times  # runs the model, Triton's JIT building each kernel at launch
+    times = {k: float(v) for k, v in zip(*compile_times(repr="csv", aggregate=True))}
+    dynamo = {"compile_inner": times["_compile.compile_inner"], "call_user_compiler": times["OutputGraph.call_user_compiler"],
+              "attempts": sum(1 for k in times if k.startswith("compile_attempt_")),
+              "first_run_with_jit": round(first_call - times["_compile.compile_inner"], 3)}
+except (ImportError, KeyError, TypeError, ValueError):
+    pass
 print(json.dumps({
-    "layers": layers, "first_call_s": round(first_call, 3), "cache": [r["cache"] for r in records],
+    "layers": layers, "first_call_s": round(first_call, 3), "dynamo_s": dynamo, "cache": [r["cache"] for r in records],
     "phases_s": phases, "codegen_s": [r.get("codegen_s") for r in records],
     "kernels_distinct": sum(r.get("kernels_distinct", r.get("triton_kernels", 0)) for r in records),
     "kernels_without_sharing": sum(r.get("kernels_without_sharing", 0) for r in records),
