@@ -119,7 +119,6 @@ class ModuleWriter:
         # groups of the same structure launch one kernel (share_kernels.py); off only to check that claim
         self.share_kernels = share_kernels
         self.shared: dict[tuple, SharedKernel] = {}  # by structural key
-        self.shared_sources: dict[str, SharedKernel] = {}  # by kernel source, names and comments left out
         self.template_keys: dict[str, str] = {}  # template kernel source, name left out -> kernel name
 
     @contextlib.contextmanager
@@ -418,22 +417,11 @@ class ModuleWriter:
             record.groups.append(group.name)
         if key is None or section is None:  # a group left to aten is not shared: the next tries on its own
             return section, call
-        lowered = self.out.lowered_nodes - lowered_before
-        # another structure may still give the same source (views that fold to the same indexing): then this
-        # group launches the earlier kernel, and so do later groups of its structure
-        text = _source_key(records, group.name)
-        same = self.shared_sources.get(text)
-        if same is None:
-            self.shared_sources[text] = self.shared[key] = SharedKernel(group, order, call, records, lowered)
-            return section, call
-        del self.out.kernels[first_record:]
-        for record in same.records:
-            record.groups.append(group.name)
-            record.nodes += [n.name for n in group.ordered_members()]
-        owner = re.compile(rf"\b{re.escape(group.name)}")  # its kernels, their workspace
-        call = [f"{call[0]} (the kernel of {same.group.name})"] + [owner.sub(same.group.name, line) for line in call[1:]]
-        self.shared[key] = SharedKernel(same.group, order, call, same.records, lowered)
-        return None, call
+        # only groups of one structure share: a kernel's source alone may come out the same for groups whose views
+        # differ (step3's o-projection reads its input through a permute), and then the first group's aten fallback,
+        # which applies those views, would not fit the other's buffers
+        self.shared[key] = SharedKernel(group, order, call, records, self.out.lowered_nodes - lowered_before)
+        return section, call
 
     def _launch_shared(self, shared: SharedKernel, group, order) -> list[str]:
         """`group`'s wrapper lines launching `shared`'s kernel: the first group's lines, with each of its
@@ -626,13 +614,6 @@ class ModuleWriter:
         call = ["def call(args):"] + ["    " + line for line in body]
         parts.append("\n".join(call))
         return "\n\n\n".join(parts) + "\n"
-
-
-def _source_key(records: list[KernelRecord], name: str) -> str:
-    """The sources of a group's kernels with the group's name (their names' prefix) and comments left out."""
-    sources = dict.fromkeys(record.source for record in records)  # a GEMM's kernels share one template source
-    text = "\n".join(re.sub(rf"\b{re.escape(name)}", "<kernel>", source) for source in sources)
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
 def mutates_first_argument(node: torch.fx.Node) -> bool:
