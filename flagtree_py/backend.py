@@ -8,6 +8,7 @@ asserts on a duplicate name.
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
@@ -26,19 +27,23 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     if mode not in (None, "default"):
         raise ValueError(f"flagtree has no mode {mode!r}; pass options={{...}} instead")
     graph_name = f"graph_{next(_GRAPH_IDS)}"
+    entered = time.perf_counter()
     route_sdpa_calls(gm)  # before AOTAutograd: one attention op whatever SDPA backend the device has
 
     def forward_compiler(aten_gm, aten_inputs):
         # aten_inputs are fake tensors; Dynamo's example_inputs are the real ones (parameters
         # included, in the same order when AOTAutograd added or removed none): the layout passes
         # need the real parameters
-        return safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name, real_inputs=example_inputs)
+        phases.update(aot_capture=time.perf_counter() - entered)  # AOTAutograd's trace and decompositions
+        return safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name, real_inputs=example_inputs,
+                                  phases=phases)
 
     def backward_compiler(aten_gm, aten_inputs):
         # flagtree compiles inference; a backward (training) graph runs as plain aten
         return make_boxed_func(aten_gm.forward)
 
-    return aot_module_simplified(
+    phases: dict = {}  # the compile record's phases_s (pipeline.py), the same dict
+    compiled = aot_module_simplified(
         gm,
         example_inputs,
         fw_compiler=forward_compiler,
@@ -46,3 +51,6 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         decompositions=flagtree_decompositions(),
         keep_inference_input_mutations=True,
     )
+    if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
+        phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
+    return compiled

@@ -88,13 +88,15 @@ _MODULE_DIR = Path(tempfile.gettempdir()) / "flagtree_modules"
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions, graph_name: str,
-                  real_inputs: list | None = None):
+                  real_inputs: list | None = None, phases: dict | None = None):
     """Compile one aten inference graph; returns a boxed callable `call(args)`.
 
     `real_inputs`: the real tensors behind the graph's placeholders, where the caller has them
     (backend.py: Dynamo's example inputs); the layout passes merge only real parameters.
+    `phases`: seconds the caller spent before (backend.py: AOTAutograd's capture), kept in the record.
     """
     start = time.perf_counter()
+    phase = _PhaseClock(phases)
     device_type = _device_type(example_inputs)
     target, reason = select_target(options.target, device_type)
     ctx = PassContext(options, parameters=_real_parameters(gm, real_inputs))
@@ -110,6 +112,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         # time); always 0 under the interpreter, which compiles nothing; 0 for kernels whose binary
         # comes from the cache entry
         "triton_compiles": 0,
+        # wall seconds per compile phase, in order (benchmarks/compile_time.py reads them)
+        "phases_s": phase.seconds,
     }
 
     def on_failure(kernel: str, error: str) -> None:
@@ -127,9 +131,11 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     record["cache_key"] = key
     if cache is not None:
         entry, problem = cache.load(key)
+        phase.done("cache_lookup")
         if entry is not None:
             _colocate(entry.meta.get("colocated_inputs", []), gm, ctx.parameters)
             call = _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache, on_check)
+            phase.done("cache_hit_import")
             return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
     else:
@@ -142,10 +148,14 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     colocated = [[placeholders.index(n) for n in merge] for merge in ctx.merged_parameters]
     _colocate(colocated, gm, ctx.parameters)
+    phase.done("passes")
     partition = partition_fusion_groups(graph, device_type, options.gemm_templates)
     ctx.counters["partition_fusion_groups"] += len(partition.groups)
+    phase.done("partition")
     writer = ModuleWriter(gm, partition, target, graph_name, device_type)
     generated = writer.generate()
+    phase.done("codegen")
+    record["codegen_s"] = {name: round(seconds, 4) for name, seconds in generated.timings.items()}
 
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(generated.source, directory, graph_name)
@@ -153,16 +163,18 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
                  constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure,
                  poison=options.poison_outputs, on_compile=on_compile, on_check=on_check,
                  content_binaries=_content_binaries(cache, device_type, record))
+    phase.done("import")
     partition_text = _partition_text(partition)
     if options.dump_dir:
         _dump(Path(options.dump_dir), graph_name, str(graph), partition_text)
 
     record.update(_statistics(graph, partition, generated))
     record["fusions_split"] = _fusions_split(graph, partition)
+    phase.done("statistics")
     record["module_path"] = str(path)
     record["compile_s"] = round(time.perf_counter() - start, 4)
     record["passes"] = dict(ctx.counters)
-    record["kernels_generated"] = len(generated.kernels)
+    record["kernels_generated"] = len(generated.kernels)  # this compile's kernels, each shared kernel once
     if cache is not None:
         externs = extern_import_paths(generated.extern_targets)
         if externs is not None:  # an extern no import path reaches cannot be cached
@@ -175,11 +187,27 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
             })
             if stored is not None:
                 cache.evict(options.cache_max_bytes)
+        phase.done("cache_write")
     _attach_tuner(module, [k.name for k in generated.kernels], options, cache, key, {})
     add_record(record)
     call = module.call
     call._boxed_call = True
     return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
+
+
+class _PhaseClock:
+    """Wall seconds of consecutive compile phases: `done(name)` closes the phase that just ran."""
+
+    def __init__(self, before: dict | None) -> None:
+        # the caller's dict itself: backend.py adds what AOTAutograd does after the compile returns
+        self.seconds = before if before is not None else {}
+        self.seconds.update({name: round(value, 4) for name, value in self.seconds.items()})
+        self.last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 4)
+        self.last = now
 
 
 def _graph_inputs(graph: torch.fx.Graph) -> dict:
@@ -279,7 +307,7 @@ def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, sto
     attach_tuner(module, kernel_names, tuner)
 
 
-_CACHED_FIELDS = ("triton_kernels", "lowered_nodes", "work_nodes", "work_nodes_in_kernels", "lowered_fraction",
+_CACHED_FIELDS = ("triton_kernels", "kernels_distinct", "kernels_without_sharing", "lowered_nodes", "work_nodes", "work_nodes_in_kernels", "lowered_fraction",
                   "views_folded", "views_in_wrapper", "extern_ops", "codegen_fallbacks", "kernel_checks", "dynamic_symbols",
                   "kernels", "fusions_split", "passes")
 
@@ -348,7 +376,11 @@ def _statistics(graph: torch.fx.Graph, partition, generated) -> dict:
     lowered = [n for n in work if n in in_kernels]
     symbols = sorted({str(s) for n in graph.nodes if n.op == "placeholder" for s in _symbols(n)})
     return {
+        # the module's @triton.jit kernels: groups of the same structure (one per layer) launch one kernel
         "triton_kernels": len(generated.kernels),
+        "kernels_distinct": len(generated.kernels),
+        # what one kernel per group would have made (attention kernels were always one per shape)
+        "kernels_without_sharing": sum(max(1, len(k.groups)) for k in generated.kernels),
         "lowered_nodes": generated.lowered_nodes,
         "work_nodes": len(work),
         "work_nodes_in_kernels": len(lowered),
@@ -400,10 +432,11 @@ def _dump(directory: Path, graph_name: str, graph_text: str, partition_text: str
     (directory / f"{graph_name}.partition.txt").write_text(partition_text)
 
 
-def safe_compile_graph(gm, example_inputs, options: CompileOptions, graph_name: str, real_inputs: list | None = None):
+def safe_compile_graph(gm, example_inputs, options: CompileOptions, graph_name: str, real_inputs: list | None = None,
+                       phases: dict | None = None):
     """compile_graph, but a compiler bug costs speed, not the user's run: fall back to eager."""
     try:
-        return compile_graph(gm, example_inputs, options, graph_name, real_inputs)
+        return compile_graph(gm, example_inputs, options, graph_name, real_inputs, phases)
     except Exception as error:
         if not options.fallback:
             raise

@@ -314,10 +314,11 @@ def describe_entry(entry, size: int, problem: str | None, now: float, colour: bo
     kernels = record.get("kernels", [])
     if kernels:
         text += ["", "kernels (`flagtree cache show KEY --kernel NAME` prints one)"]
-        rows = [[k.get("name"), k.get("kind"), k.get("group_id"), _config(k.get("config")),
-                 " ".join(k.get("nodes", []))] for k in kernels]
-        text += [f"  {line}" for line in format_table(["name", "kind", "group", "launch config", "nodes"], rows
-                                                      ).splitlines()]
+        # a kernel shared by groups of the same structure (one per layer) is one row; `launched by` counts them
+        rows = [[k.get("name"), k.get("kind"), k.get("group_id"), len(k.get("groups") or [None]),
+                 _config(k.get("config")), " ".join(k.get("nodes", []))] for k in kernels]
+        text += [f"  {line}" for line in format_table(["name", "kind", "group", "launched by", "launch config", "nodes"],
+                                                      rows).splitlines()]
     winners = entry.autotune_winners()
     if winners:
         text += ["", "autotuned GEMM tiles (kernel/M bucket: winner)"]
@@ -361,13 +362,15 @@ def _show_kernel(args: argparse.Namespace, entry) -> int:
     launches = [line.strip() for line in module.splitlines() if re.match(rf"\s+run\({re.escape(args.kernel)},", line)]
     if args.json:
         _print_json({"key": entry.key, "name": args.kernel, "kind": kernel.get("kind"),
-                     "group_id": kernel.get("group_id"), "config": kernel.get("config"),
+                     "group_id": kernel.get("group_id"), "groups": kernel.get("groups"), "config": kernel.get("config"),
                      "nodes": kernel.get("nodes"), "stored": kernel.get("stored"), "launches": launches,
                      "source": source})
         return 0
     print(f"# {args.kernel}: {kernel.get('kind', '?')} kernel of group {kernel.get('group_id', '?')}, "
           f"entry {entry.key[:SHORT_KEY]} ({entry.meta.get('graph', '?')}, {entry.meta.get('target', '?')})")
     print(f"# launch config: {_config(kernel.get('config')) or '?'}")
+    if len(kernel.get("groups") or []) > 1:
+        print(f"# launched by {len(kernel['groups'])} groups of the same structure: {', '.join(kernel['groups'])}")
     for launch in launches:
         print(f"# launched as: {launch}")
     _print_code(source)

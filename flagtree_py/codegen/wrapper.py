@@ -3,14 +3,21 @@
 The module is meant to be read (`flagtree cache show`): `call(args)` runs, in a topological
 order, the extern aten ops, the views they need, and one `run(kernel, grid, ...)` per fusion
 group; each kernel has a `*_fallback` twin with the same signature that computes the group with
-aten ops, used if the kernel fails to build or run.
+aten ops, used if the kernel fails to build or run. Groups of the same structure (the same norm or
+GEMM in every decoder layer) launch one kernel, the first group's (share_kernels.py): the module's
+kernel count, and the Triton compiles behind it, do not grow with the layer count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
+import re
+import textwrap
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +37,7 @@ from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
 from flagtree_py.codegen.moe_routing import lower_moe_routing
+from flagtree_py.codegen.share_kernels import group_signature, rename_identifiers
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 #: flagtree ops a fusion pass put in the graph, each lowered by a template of its own
@@ -61,8 +69,20 @@ class KernelRecord:
     kind: str
     source: str
     config: dict
-    nodes: list[str]
+    nodes: list[str]  # every node it computes, of every group that launches it
     stored: list[str]
+    groups: list[str] = field(default_factory=list)  # the groups that launch it, its own first
+
+
+@dataclass
+class SharedKernel:
+    """A group's lowering, launched again by every later group of the same structure (share_kernels.py)."""
+
+    group: object  # the first group, whose kernel it is
+    order: list  # the nodes its structural key visited
+    call: list[str]  # its wrapper lines, header first
+    records: list[KernelRecord]
+    lowered_nodes: int
 
 
 @dataclass
@@ -77,10 +97,12 @@ class GeneratedModule:
     constant_targets: dict = field(default_factory=dict)  # name -> the GraphModule attribute it reads
     template_nodes: list[str] = field(default_factory=list)  # nodes lowered by a template of their own
     kernel_checks: list[dict] = field(default_factory=list)  # kernels re-lowered or left to aten by check_kernel
+    timings: Counter = field(default_factory=Counter)  # seconds per code generation step (the compile record's codegen_s)
 
 
 class ModuleWriter:
-    def __init__(self, gm: torch.fx.GraphModule, partition, target, graph_name: str, device_type: str) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, partition, target, graph_name: str, device_type: str,
+                 share_kernels: bool = True) -> None:
         self.gm = gm
         self.graph = gm.graph
         self.partition = partition
@@ -94,6 +116,19 @@ class ModuleWriter:
         self.template_sections: list[str] = []
         self.uses_gemm = False  # set by codegen/gemm.py: the module imports its launcher
         self.attention = AttentionWriter(self)  # the hook for flagtree::attention nodes
+        # groups of the same structure launch one kernel (share_kernels.py); off only to check that claim
+        self.share_kernels = share_kernels
+        self.shared: dict[tuple, SharedKernel] = {}  # by structural key
+        self.template_keys: dict[str, str] = {}  # template kernel source, name left out -> kernel name
+
+    @contextlib.contextmanager
+    def timed(self, step: str):
+        """Add the block's wall seconds to `step` in the generated module's timings."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.out.timings[step] += time.perf_counter() - began
 
     # -- printing ------------------------------------------------------------------------------
 
@@ -198,24 +233,28 @@ class ModuleWriter:
         views = {n for n in nodes if self.kinds[n] == "view"}
         emitted_views = self._views_to_emit(nodes)
 
-        kernel_sections, group_calls = [], {}
+        kernel_sections, group_calls = {}, {}
         for group in self.partition.groups:
-            section, call = self.lower_group(group, buffers, views)
+            with self.timed("gemm_groups" if group.gemm is not None else "groups"):
+                section, call = self.lower_group(group, buffers, views)
             if section:
-                kernel_sections.append(section)
+                kernel_sections[group] = section
             group_calls[group] = call
+        kernel_sections = [self._sharing_note(group) + section for group, section in kernel_sections.items()]
 
-        steps = self._order_steps(nodes, emitted_views)
+        with self.timed("order"):
+            steps = self._order_steps(nodes, emitted_views)
         body = list(bind_lines)
-        for step in steps:
-            if isinstance(step, torch.fx.Node):
-                body.extend(self._node_lines(step))
-            else:
-                body.extend(group_calls[step])
-        output = next(n for n in nodes if n.op == "output")
-        body.append(f"return {self.arg(tuple(output.args[0]))}")
-        kernel_sections += self.attention.sections
-        self.out.source = self._module_source(kernel_sections, placeholders, body)
+        with self.timed("wrapper"):
+            for step in steps:
+                if isinstance(step, torch.fx.Node):
+                    body.extend(self._node_lines(step))
+                else:
+                    body.extend(group_calls[step])
+            output = next(n for n in nodes if n.op == "output")
+            body.append(f"return {self.arg(tuple(output.args[0]))}")
+            kernel_sections += self.attention.sections
+            self.out.source = self._module_source(kernel_sections, placeholders, body)
         return self.out
 
     def bind_symbols(self, placeholders) -> list[str]:
@@ -289,14 +328,24 @@ class ModuleWriter:
             if isinstance(error, KernelCheckFailed):
                 self.out.kernel_checks.append({"kernel": name, "problems": error.problems, "action": "aten fallback"})
             return None
+        self.out.template_nodes.append(node.name)
+        self.out.lowered_nodes += 1
+        # the same template kernel for another node (each MoE layer's routing): launch the first one
+        key = re.sub(rf"\b{name}", "<kernel>", kernel.source)
+        first = self.template_keys.get(key) if self.share_kernels else None
+        if first is not None:
+            record = next(r for r in self.out.kernels if r.name == first)
+            record.nodes.append(node.name)
+            record.groups.append(node.name)
+            return [rename_identifiers(line, {name: first}) for line in kernel.call]
+        self.template_keys[key] = name
         if kernel.checks:
             self.out.kernel_checks.append({"kernel": name, "problems": kernel.checks,
                                            "action": f"re-lowered with {kernel.config}"})
         self.template_sections.append(kernel.source)
-        self.out.template_nodes.append(node.name)
-        self.out.lowered_nodes += 1
         self.out.kernels.append(KernelRecord(name=name, group_id=-1, kind=name.split("_", 1)[1], source=kernel.source,
-                                             config=kernel.config, nodes=[node.name], stored=[node.name]))
+                                             config=kernel.config, nodes=[node.name], stored=[node.name],
+                                             groups=[node.name]))
         return kernel.call
 
     def _order_steps(self, nodes, emitted_views) -> list:
@@ -352,6 +401,50 @@ class ModuleWriter:
     # -- groups --------------------------------------------------------------------------------
 
     def lower_group(self, group, buffers, views) -> tuple[str | None, list[str]]:
+        """(the group's kernel section, or None when it launches an earlier group's kernel or runs aten;
+        its wrapper lines)."""
+        key = order = None
+        if self.share_kernels:
+            key, order = group_signature(group, self.kinds, buffers, self.emitted_symbolic)
+            shared = self.shared.get(key)
+            if shared is not None:
+                with self.timed("shared"):
+                    return None, self._launch_shared(shared, group, order)
+        first_record, lowered_before = len(self.out.kernels), self.out.lowered_nodes
+        section, call = self._lower_group(group, buffers, views)
+        records = self.out.kernels[first_record:]
+        for record in records:
+            record.groups.append(group.name)
+        if key is None or section is None:  # a group left to aten is not shared: the next tries on its own
+            return section, call
+        # only groups of one structure share: a kernel's source alone may come out the same for groups whose views
+        # differ (step3's o-projection reads its input through a permute), and then the first group's aten fallback,
+        # which applies those views, would not fit the other's buffers
+        self.shared[key] = SharedKernel(group, order, call, records, self.out.lowered_nodes - lowered_before)
+        return section, call
+
+    def _launch_shared(self, shared: SharedKernel, group, order) -> list[str]:
+        """`group`'s wrapper lines launching `shared`'s kernel: the first group's lines, with each of its
+        nodes' names replaced by the corresponding node's of `group`."""
+        names = {a.name: b.name for a, b in zip(shared.order, order) if a.name != b.name}
+        for record in shared.records:
+            record.groups.append(group.name)
+            record.nodes += [n.name for n in group.ordered_members()]
+        self.out.lowered_nodes += shared.lowered_nodes
+        computes = ", ".join(n.name for n in group.ordered_members() if self.kinds[n] != "view")
+        header = f"# {group.name}: {computes} (the kernel of {shared.group.name})"
+        return [header] + [rename_identifiers(line, names) for line in shared.call[1:]]
+
+    def _sharing_note(self, group) -> str:
+        """A comment above a kernel section that other groups launch too."""
+        shared = next((s for s in self.shared.values() if s.group is group), None)
+        if shared is None or len(shared.records[0].groups) < 2:
+            return ""
+        others = shared.records[0].groups[1:]
+        text = f"{group.name} is also launched by {len(others)} group(s) of the same structure: {', '.join(others)}"
+        return "".join(f"# {line}\n" for line in textwrap.wrap(text, 116, break_on_hyphens=False))
+
+    def _lower_group(self, group, buffers, views) -> tuple[str | None, list[str]]:
         if group.gemm is not None:  # GEMM template groups: codegen/gemm.py
             return lower_gemm_group(self, group, buffers, views, _LOWERINGS)
         subgraph, externals = self._group_subgraph(group, buffers)
@@ -361,12 +454,13 @@ class ModuleWriter:
         # a persistent reduction that no config of the target fits is lowered again as a looped one
         for persistent_limit in (self.target.persistent_reduction_limit, 0):
             try:
-                builder = KernelBuilder(group, buffers, _LOWERINGS, views, persistent_limit, self.device_type)
-                for node in externals:  # what the aten fallback reads: the kernel takes it too
-                    builder.add_input(node, buffers[node])
-                builder.symbols |= self._subgraph_symbols(subgraph)
-                index_dtype = "int64" if self._needs_int64(group) else "int32"
-                spec = builder.build(group.name, [], index_dtype)
+                with self.timed("groups.lower"):
+                    builder = KernelBuilder(group, buffers, _LOWERINGS, views, persistent_limit, self.device_type)
+                    for node in externals:  # what the aten fallback reads: the kernel takes it too
+                        builder.add_input(node, buffers[node])
+                    builder.symbols |= self._subgraph_symbols(subgraph)
+                    index_dtype = "int64" if self._needs_int64(group) else "int32"
+                    spec = builder.build(group.name, [], index_dtype)
             except LoweringError as error:
                 reason = str(error) if first_problems is None else f"check_kernel: {'; '.join(first_problems)}"
                 self.out.codegen_fallbacks.append({"group": group.name, "reason": reason})
@@ -378,9 +472,11 @@ class ModuleWriter:
                 return None, lines
             spec.comment = [f"computes: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}",
                             f"stores: {', '.join(n.name for n in stored)}"]
-            template = template_environment(self.target.template_dir).get_template(f"{spec.kind}.py.jinja")
-            kernel_source = template.render(k=spec)
-            launch_meta, problems = self._checked_launch(spec, kernel_source)
+            with self.timed("groups.render"):
+                template = template_environment(self.target.template_dir).get_template(f"{spec.kind}.py.jinja")
+                kernel_source = template.render(k=spec)
+            with self.timed("groups.check"):
+                launch_meta, problems = self._checked_launch(spec, kernel_source)
             first_problems = first_problems or problems
             if launch_meta is not None or not spec.persistent or any(p.startswith(_SOURCE_PROBLEMS) for p in problems):
                 break

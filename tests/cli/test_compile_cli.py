@@ -27,9 +27,11 @@ def test_nvidia_sm90_entry_holds_cubins_and_travels_in_a_bundle(run_cli, tmp_pat
     (entry,) = result["entries"]
     assert entry["target"] == "nvidia-sm90" and entry["kernels"] == entry["launched"] > 0
     assert len(entry["binaries"]["sm90"]) == entry["kernels"]
-    # kernels identical but for their name (the same kernel in every layer) share one build by content
+    # groups of the same structure (one per layer) launch one kernel (codegen/share_kernels.py); kernels of
+    # other groups that still come out identical but for their name (a GEMM's split-K partial sums, whatever
+    # its epilogue) share one build by content
     distinct = len(set(entry["binaries_by_content"].values()))
-    assert entry["triton_compiles"] == result["triton_compiles"] == distinct < entry["kernels"]
+    assert entry["triton_compiles"] == result["triton_compiles"] == distinct <= entry["kernels"]
     meta = _show(run_cli, tmp_path / "cache", entry["key"])
     assert meta["problem"] is None and "cuda" in meta["aten_graph"]  # traced as a GPU run would be
     for kernel, per_arch in meta["binaries"].items():
