@@ -88,6 +88,7 @@ def _as_json(spec, vendor_default_for: str | None) -> dict:
     fields.pop("extra")
     fields["dtypes"] = sorted(spec.dtypes)
     fields["features"] = sorted(spec.features)
+    fields["dot_dtypes"] = sorted(spec.dot_dtypes)
     fields["triton_language"] = ".".join(map(str, spec.triton_language))
     fields["hash"] = spec.hash()
     fields["default_for_vendor"] = vendor_default_for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -80,9 +81,11 @@ def test_metax_and_iluvatar_outputs_differ_from_nvidia_where_the_targets_differ(
     for vendor in ("metax", "iluvatar"):
         entry, meta = entries[vendor]
         assert entry["binaries"] == {} and "no ahead-of-time compiler" in entry["note"] and "binaries" not in meta
-        assert set(meta["launches"]) == set(nvidia["launches"])  # same kernels, launched differently
+        # the same kernels, launched differently; a decode GEMM is the split-K pair where K is split
+        # (the table's SPLIT_K here) and one tiled kernel where NVIDIA's multiprocessors ask for no split
+        assert _gemm_groups(meta["launches"]) == _gemm_groups(nvidia["launches"])
         warps = {name: (sig["meta"]["num_warps"], nvidia["launches"][name]["meta"]["num_warps"])
-                 for name, sig in meta["launches"].items()}
+                 for name, sig in meta["launches"].items() if name in nvidia["launches"]}
         # 64-wide warps: never more warps than NVIDIA's for the same kernel, strictly fewer somewhere
         assert all(theirs <= ours for theirs, ours in warps.values())
         assert any(theirs < ours for theirs, ours in warps.values())
@@ -103,3 +106,7 @@ def test_bad_input_is_a_one_line_error(run_cli, tmp_path):
         assert lines[-1].startswith("flagtree compile: error: ") and message in lines[-1], done.stderr
         if "--target" in args:  # the command's own errors: one line (argparse's also print the usage)
             assert len(lines) == 1, done.stderr
+
+
+def _gemm_groups(names) -> set:
+    return {re.sub(r"_(partial|reduce)$", "", name) for name in names}
