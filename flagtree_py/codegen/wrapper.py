@@ -29,12 +29,14 @@ from flagtree_py.codegen.gemm import lower_gemm_group
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
+from flagtree_py.codegen.moe_experts import lower_moe_experts
 from flagtree_py.codegen.moe_routing import lower_moe_routing
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 #: flagtree ops a fusion pass put in the graph, each lowered by a template of its own
 _TEMPLATE_LOWERINGS = {torch.ops.flagtree.moe_routing.default: lower_moe_routing,
-                       torch.ops.flagtree.moe_routing_dense.default: lower_moe_routing}
+                       torch.ops.flagtree.moe_routing_dense.default: lower_moe_routing,
+                       torch.ops.flagtree.moe_experts.default: lower_moe_experts}
 _GENERIC_TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -295,8 +297,10 @@ class ModuleWriter:
         self.template_sections.append(kernel.source)
         self.out.template_nodes.append(node.name)
         self.out.lowered_nodes += 1
-        self.out.kernels.append(KernelRecord(name=name, group_id=-1, kind=name.split("_", 1)[1], source=kernel.source,
-                                             config=kernel.config, nodes=[node.name], stored=[node.name]))
+        for kernel_name in kernel.names or [name]:  # a template may hold several kernels (moe_experts)
+            self.out.kernels.append(KernelRecord(name=kernel_name, group_id=-1, kind=kernel_name.split("_", 1)[1],
+                                                 source=kernel.source, config=kernel.config, nodes=[node.name],
+                                                 stored=[node.name]))
         return kernel.call
 
     def _order_steps(self, nodes, emitted_views) -> list:

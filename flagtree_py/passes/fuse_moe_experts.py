@@ -345,13 +345,15 @@ def _rewrite(graph: torch.fx.Graph, m: dict) -> None:
 def _erase_dead(graph: torch.fx.Graph, nodes: list) -> None:
     """Erase the matched nodes no one reads any more, and what only they read (pure ops only: a shared
     view or the sort's other output, still read elsewhere, stays)."""
-    pending = list(dict.fromkeys(nodes))
+    pending, erased = list(dict.fromkeys(nodes)), set()
     while pending:
         node = pending.pop()
-        if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.users or node.is_impure():
+        if (not isinstance(node, torch.fx.Node) or node in erased or node.op != "call_function" or node.users
+                or node.is_impure()):
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)
+        erased.add(node)
         pending += inputs
 
 

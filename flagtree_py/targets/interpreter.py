@@ -29,6 +29,9 @@ INTERPRETER = TargetSpec(
         "m128": (GemmConfig(16, 32, 32, 128, 1), GemmConfig(32, 16, 16, 128, 1)),
         "large": (GemmConfig(32, 32, 32, 128, 1), GemmConfig(64, 64, 16, 128, 1)),
     },
+    # MoE: small blocks so that tiny tests cross block and sort-program edges
+    moe_tiles={"small": (GemmConfig(16, 16, 16, 128, 1),), "large": (GemmConfig(32, 32, 32, 128, 1),),
+               "sort_elements": 64},
     source="no hardware: Triton's interpreter (TRITON_INTERPRET)",
 )
 
