@@ -10,7 +10,7 @@ it, with no atomics.
 
 Every kernel reads each expert's weights once per row block (decode: once), and the gathered copies of
 x and of the weights that the aten forms materialize never exist. The wrapper line calls
-`runtime/moe_experts.py`, which picks the tile bucket per call from the pair count (decode or prefill);
+`runtime/moe_experts.py` (run_moe_experts), which picks the tile bucket per call from the pair count (decode or prefill);
 tiles come from the target's `moe_tiles` table, fitted to its shared memory and checked by check_kernel.
 """
 
@@ -54,8 +54,17 @@ def lower_moe_experts(node: torch.fx.Node, name: str, templates, target, arg, in
     plan: dict = {"experts": experts, "e_block": e_block, "sort_block": sort_block,
                   "sort_warps": target.num_warps(128), "small_pairs_per_expert": SMALL_PAIRS_PER_EXPERT,
                   "reduce": REDUCE_TILE | {"num_warps": target.num_warps(128)}}
-    problems = _check(source, {"XBLOCK": sort_block, "RBLOCK": e_block, "num_warps": plan["sort_warps"],
-                               "kind": "reduction", "element_bytes": 4}, target, f"{name}_scatter")
+    problems: list[str] = []
+    while True:  # the sort's one-hot tile: fewer pairs per program until it fits the target
+        found = check_kernel(source, {"XBLOCK": sort_block, "RBLOCK": e_block, "num_warps": plan["sort_warps"],
+                                      "kind": "reduction", "element_bytes": 4}, target)
+        if not found:
+            break
+        problems = problems or [str(p) for p in found]
+        if sort_block == 1 or any(p.kind in SOURCE_PROBLEMS for p in found):
+            raise KernelCheckFailed(f"{name}_scatter", problems)
+        sort_block //= 2
+    plan["sort_block"] = sort_block
     problems += _check(source, {"XBLOCK": REDUCE_TILE["BLOCK_T"] * REDUCE_TILE["BLOCK_N"], **plan["reduce"],
                                 "kind": "pointwise"}, target, f"{name}_reduce")
     for bucket in ("small", "large"):
@@ -65,8 +74,8 @@ def lower_moe_experts(node: torch.fx.Node, name: str, templates, target, arg, in
         plan[bucket] = found
     fallbacks = [f"{name}_{kernel}_fallback = {kernel}_fallback" for kernel in KERNELS]
     section = "\n".join([
-        "from flagtree_py.runtime.moe_experts import (count_fallback, down_fallback, gate_up_fallback, moe_experts,",
-        "                                             reduce_fallback, scatter_fallback)",
+        "from flagtree_py.runtime.moe_experts import (count_fallback, down_fallback, gate_up_fallback, reduce_fallback,",
+        "                                             run_moe_experts, scatter_fallback)",
         "", "", source, "", "", *fallbacks, f"{name}_plan = {plan!r}"])
     val = node.meta["val"]
     kernels = ", ".join(f"{name}_{kernel}" for kernel in KERNELS)
@@ -74,7 +83,7 @@ def lower_moe_experts(node: torch.fx.Node, name: str, templates, target, arg, in
                   f"dtype={val.dtype}, device={arg(val.device)})")
     call = [f"# {name}: {node.name} (MoE experts: {experts} experts, top-{top_k}; sort by expert, grouped GEMMs)",
             allocation,
-            f"moe_experts({kernels}, {', '.join(arg(a) for a in node.args)}, {node.name}, plan={name}_plan)"]
+            f"run_moe_experts({kernels}, {', '.join(arg(a) for a in node.args)}, {node.name}, plan={name}_plan)"]
     config = {"experts": experts, "top_k": top_k, "small": plan["small"], "large": plan["large"],
               "sort_block": sort_block, "index_dtype": "int64"}
     return TemplateKernel(name, section, call, config, problems, names=[f"{name}_{kernel}" for kernel in KERNELS])

@@ -29,7 +29,7 @@ def row_blocks(pairs: int, experts: int, block_m: int) -> int:
     return cdiv(pairs + min(experts, pairs) * (block_m - 1), block_m)
 
 
-def moe_experts(count, scatter, gate_up, down, reduce, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+def run_moe_experts(count, scatter, gate_up, down, reduce, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                 down_weight: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, *,
                 plan: dict) -> None:
     """out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) with the five kernels of one moe_experts node.
@@ -41,25 +41,16 @@ def moe_experts(count, scatter, gate_up, down, reduce, x: torch.Tensor, gate: to
     pairs = tokens * top_k
     if pairs == 0:
         return
-    experts, e_block, sort_block = plan["experts"], plan["e_block"], plan["sort_block"]
+    experts = plan["experts"]
     bucket = plan["small"] if pairs <= plan["small_pairs_per_expert"] * experts else plan["large"]
-    block_m = bucket["gate_up"]["BLOCK_M"]
-    programs = cdiv(pairs, sort_block)
-    blocks = row_blocks(pairs, experts, block_m)
     device = x.device
-    flat_ids = ids.reshape(-1)
     weights = weights.contiguous()
-    counts = torch.empty((programs, e_block), dtype=torch.int32, device=device)
-    sorted_pairs = torch.empty((blocks * block_m,), dtype=torch.int32, device=device)
-    block_expert = torch.empty((blocks,), dtype=torch.int32, device=device)
-    block_rows = torch.empty((blocks,), dtype=torch.int32, device=device)
+    sorted_pairs, block_expert, block_rows = sort_pairs(count, scatter, ids.reshape(-1), plan,
+                                                        bucket["gate_up"]["BLOCK_M"])
+    blocks = block_rows.numel()
     inter, hidden_size = gate.shape[1], x.shape[1]
-    hidden = torch.empty((blocks * block_m, inter), dtype=x.dtype, device=device)
+    hidden = torch.empty((sorted_pairs.numel(), inter), dtype=x.dtype, device=device)
     rows = torch.empty((pairs, hidden_size), dtype=torch.promote_types(x.dtype, weights.dtype), device=device)
-    sort_meta = {"EXPERTS": experts, "E_BLOCK": e_block, "SORT_BLOCK": sort_block, "num_warps": plan["sort_warps"]}
-    run(count, (programs,), flat_ids, counts, pairs, **sort_meta)
-    run(scatter, (programs,), flat_ids, counts, sorted_pairs, block_expert, block_rows, pairs, programs, blocks,
-        Q_BLOCK=Q_BLOCK, BLOCK_M=block_m, **sort_meta)
     meta = bucket["gate_up"]
     run(gate_up, (blocks, cdiv(inter, meta["BLOCK_N"])), x, gate, up, sorted_pairs, block_expert, block_rows, hidden,
         *x.stride(), *gate.stride(), *up.stride(), TOP_K=top_k, N=inter, K=hidden_size, **meta)
@@ -69,6 +60,26 @@ def moe_experts(count, scatter, gate_up, down, reduce, x: torch.Tensor, gate: to
     meta = plan["reduce"]
     run(reduce, (cdiv(tokens, meta["BLOCK_T"]), cdiv(hidden_size, meta["BLOCK_N"])), rows, out, tokens, *out.stride(),
         TOP_K=top_k, N=hidden_size, **meta)
+
+
+def sort_pairs(count, scatter, flat_ids: torch.Tensor, plan: dict, block_m: int) -> tuple:
+    """The pairs (token * k + choice) sorted by expert, stably, each expert's segment padded to `block_m`
+    rows: (sorted pairs [blocks * block_m] int32, expert of each row block, valid rows of each row block).
+    Rows past a segment's valid ones are left unwritten: the block table says which rows to read."""
+    pairs = flat_ids.numel()
+    experts, e_block, sort_block = plan["experts"], plan["e_block"], plan["sort_block"]
+    programs = cdiv(pairs, sort_block)
+    blocks = row_blocks(pairs, experts, block_m)
+    device = flat_ids.device
+    counts = torch.empty((programs, e_block), dtype=torch.int32, device=device)
+    sorted_pairs = torch.empty((blocks * block_m,), dtype=torch.int32, device=device)
+    block_expert = torch.empty((blocks,), dtype=torch.int32, device=device)
+    block_rows = torch.empty((blocks,), dtype=torch.int32, device=device)
+    sort_meta = {"EXPERTS": experts, "E_BLOCK": e_block, "SORT_BLOCK": sort_block, "num_warps": plan["sort_warps"]}
+    run(count, (programs,), flat_ids, counts, pairs, **sort_meta)
+    run(scatter, (programs,), flat_ids, counts, sorted_pairs, block_expert, block_rows, pairs, programs, blocks,
+        Q_BLOCK=Q_BLOCK, BLOCK_M=block_m, **sort_meta)
+    return sorted_pairs, block_expert, block_rows
 
 
 # -- fallbacks: the same arguments as their kernels, aten inside -----------------------------------------
