@@ -33,18 +33,14 @@ import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.moe_experts)
 from flagtree_py.passes import PassContext
 from flagtree_py.passes.patterns import CASTS, aten, is_op, other_operand
 
-_GROUPED_MM = [aten._grouped_mm.default]
-with contextlib.suppress(AttributeError):  # registered by transformers.integrations.moe when imported
-    _GROUPED_MM.append(torch.ops.transformers.grouped_mm_fallback.default)
-
 
 def _grouped_mm_ops() -> tuple:
-    """aten._grouped_mm, and transformers' fallback op once transformers has registered it."""
-    ops = list(_GROUPED_MM)
-    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
-    if fallback is not None and fallback.default not in ops:
-        ops.append(fallback.default)
-    return tuple(ops)
+    """aten._grouped_mm, and transformers' fallback op once transformers has registered it (importing
+    transformers.integrations.moe does; a graph that holds the op was traced after that)."""
+    try:
+        return aten._grouped_mm.default, torch.ops.transformers.grouped_mm_fallback.default
+    except (AttributeError, RuntimeError):
+        return (aten._grouped_mm.default,)
 
 
 def _strip_casts(node):
