@@ -61,9 +61,11 @@ _GEMM_TILES = {
 #: fused MoE experts (codegen/moe_experts.py): grouped-GEMM tiles per bucket, best first ("small": few
 #: pairs per expert, decode; "large": prefill), shared by the gate/up GEMM (two B tiles) and the down GEMM;
 #: BLOCK_M is also the row padding of each expert's segment. "sort_elements": the one-hot tile
-#: (pairs x experts) of one sort program.
+#: (pairs x experts) of one sort program. "small" tiles are 16 rows (tl.dot's smallest) and narrow in N, in
+#: the spirit of vLLM's fused_moe defaults for few tokens: a decode step has one row block per chosen expert,
+#: and narrow N gives those few blocks enough programs to stream the experts' weights. Not yet tuned on a GPU.
 _MOE_TILES = {
-    "small": (GemmConfig(16, 64, 128, 128, 4), GemmConfig(16, 64, 64, 128, 3), GemmConfig(16, 32, 64, 128, 2)),
+    "small": (GemmConfig(16, 32, 64, 128, 4), GemmConfig(16, 64, 128, 128, 3), GemmConfig(16, 32, 32, 128, 2)),
     "large": (GemmConfig(64, 128, 64, 256, 3), GemmConfig(64, 64, 64, 128, 3), GemmConfig(32, 64, 32, 128, 2)),
     "sort_elements": 8192,
 }
