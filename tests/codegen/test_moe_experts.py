@@ -187,3 +187,16 @@ def test_moe_experts_kernels_compile_for_sm90(tokens):
         assert kernel.signature is not None and kernel.failed is None, kernel.name
         compiled = compile_for_nvidia(kernel.kernel.fn, kernel.signature, 90)
         assert compiled.asm["cubin"], kernel.name
+
+
+def test_check_kernels_compares_the_whole_buffers_with_the_aten_twins():
+    inputs = _inputs(9)
+    compiled = torch.compile(_experts, backend="flagtree",
+                             options={"target": "interpreter", "cache": False, "check_kernels": True})
+    with torch.no_grad():
+        compiled(*inputs)
+    (record,) = flagtree_py.report()
+    errors = {name.split("_moe_experts_")[1]: entry for name, entry in record["kernel_errors"].items()}
+    assert sorted(errors) == ["count", "down", "reduce"]  # the rows each writes whole
+    assert errors["count"]["max_abs_error"] == 0 and errors["reduce"]["max_rel_error"] <= 1e-6
+    assert errors["down"]["max_rel_error"] <= 1e-5  # fp32 products of I=24 terms, another order
