@@ -94,11 +94,11 @@ def _transposed_weight(node) -> torch.fx.Node | None:
     return None
 
 
-def _flat(node, source_ok) -> torch.fx.Node | None:
+def _flat(node) -> torch.fx.Node | None:
     """t for node = t.view(-1) (t 2-d)."""
     if is_op(node, aten.view.default, aten._unsafe_view.default) and len(node.args[1]) == 1:
         base = node.args[0]
-        if _val(base) is not None and _val(base).dim() == 2 and source_ok(base):
+        if _val(base) is not None and _val(base).dim() == 2:
             return base
     return None
 
@@ -146,7 +146,7 @@ def _match_grouped(total) -> dict | None:
     nodes += [gathered.args[0], picked]
     if not is_op(picked, aten.index.Tensor) or picked.args[1][0] is not perm:
         return None
-    weights = _flat(picked.args[0], lambda _: True)
+    weights = _flat(picked.args[0])
     nodes.append(picked.args[0])
     if not is_op(down_out, *_grouped_mm_ops()):
         return None
@@ -169,7 +169,7 @@ def _match_grouped(total) -> dict | None:
     nodes.append(divide)
     if not (is_op(perm, operator.getitem) and perm.args[1] == 1 and is_op(perm.args[0], aten.sort.default)):
         return None
-    ids = _flat(perm.args[0].args[0], lambda _: True)
+    ids = _flat(perm.args[0].args[0])
     nodes += [perm, perm.args[0], *perm.args[0].users, perm.args[0].args[0], offsets]
     return _checked(total, xs.args[0], _transposed_weight(gate_up_t), inter, _transposed_weight(down_t),
                     weights, ids, k, nodes)
@@ -218,7 +218,7 @@ def _match_batched(total) -> dict | None:
         return None
     down_out, flat_weights = weighted
     nodes += [product, flat_weights]
-    weights = _flat(flat_weights, lambda _: True)
+    weights = _flat(flat_weights)
     down = _gemv(down_out, nodes)
     if down is None:
         return None
@@ -231,7 +231,7 @@ def _match_batched(total) -> dict | None:
     w13, _, rows = gate_up
     x = _repeated_rows(rows)
     nodes += [rows, flat_ids]
-    ids = _flat(flat_ids, lambda _: True)
+    ids = _flat(flat_ids)
     return _checked(total, x, w13, halves[1], w2, weights, ids, k, nodes)
 
 
