@@ -22,7 +22,7 @@ import torch.fx
 from flagtree_py.codegen.check_kernel import SOURCE_PROBLEMS, KernelCheckFailed, check_kernel
 from flagtree_py.codegen.indexing import LoweringError
 from flagtree_py.codegen.moe_routing import TemplateKernel
-from flagtree_py.codegen.types import triton_dtype
+from flagtree_py.codegen.types import dot_forms, triton_dtype
 from flagtree_py.runtime.moe_experts import REDUCE_TILE
 from flagtree_py.targets.base import GemmConfig
 
@@ -43,10 +43,12 @@ def lower_moe_experts(node: torch.fx.Node, name: str, templates, target, arg, in
     if xv.dtype not in _DTYPES or any(t.meta["val"].dtype != xv.dtype for t in (gate, up, down)):
         raise LoweringError(f"{node.name}: x and the expert weights must share one float dtype")
     rows_dtype = torch.promote_types(xv.dtype, weights.meta["val"].dtype)
+    # fp32 operands: full-precision products (Triton would use TF32); a dtype the target cannot multiply
+    # (the interpreter's bf16) is widened to fp32 as it is loaded
+    operand_cast, dot_options = dot_forms(xv.dtype, target)
     values = {"name": name, "dtype": str(xv.dtype).replace("torch.", ""), "triton_dtype": triton_dtype(xv.dtype),
               "rows_triton_dtype": triton_dtype(rows_dtype), "rounds": xv.dtype != torch.float32,
-              # fp32 operands: full-precision products, as eager's fp32 matmul (Triton would use TF32)
-              "dot_options": ', input_precision="ieee"' if xv.dtype == torch.float32 else ""}
+              "operand_cast": operand_cast, "dot_options": dot_options}
     source = "\n\n".join(templates.get_template(t).render(m=values) for t in ("moe_sort.py.jinja", "moe_gemm.py.jinja"))
     element = xv.element_size()
     e_block = _pow2(experts)
