@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention", "attention_reference", "moe_routing", "moe_routing_dense"]
+__all__ = ["attention", "attention_reference", "moe_experts", "moe_experts_reference", "moe_routing",
+           "moe_routing_dense"]
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -89,3 +90,41 @@ def moe_routing_dense(logits: torch.Tensor, top_k: int, renormalize: bool, weigh
 @moe_routing_dense.register_fake
 def _(logits, top_k, renormalize, weight_dtype):
     return logits.new_empty(logits.shape, dtype=weight_dtype)
+
+
+def moe_experts_reference(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                          weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The routed experts of a MoE block, in eager aten ops: for each token t and each of its k
+    choices (expert e = ids[t, j], weight w = weights[t, j]):
+
+        y[t, j] = (down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t]))) * w    (rounded to the dtype of x * w)
+        out[t]  = sum over j of y[t, j]                                        (in float32, then x's dtype)
+
+    x [T, H]; gate, up [E, I, H]; down [E, H, I]; weights [T, k]; ids [T, k] (int). Each expert's tokens
+    go through one matrix product per projection, in the order of the (token, choice) pairs, so
+    the result does not depend on how pairs are grouped; the k-sum runs in a fixed order."""
+    tokens, top_k = ids.shape
+    flat = ids.reshape(-1)
+    out_dtype = torch.promote_types(x.dtype, weights.dtype)
+    rows = torch.zeros(tokens * top_k, x.shape[1], dtype=out_dtype, device=x.device)
+    for expert in torch.unique(flat).tolist():
+        pairs = (flat == expert).nonzero().squeeze(1)
+        xs = x[pairs // top_k]
+        hidden = torch.nn.functional.silu(xs @ gate[expert].t()) * (xs @ up[expert].t())
+        product = (hidden @ down[expert].t()) * weights.reshape(-1)[pairs, None]
+        rows[pairs] = product.to(out_dtype)
+    return rows.view(tokens, top_k, -1).float().sum(1).to(x.dtype)
+
+
+@torch.library.custom_op("flagtree::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
+                ids: torch.Tensor) -> torch.Tensor:
+    """What `passes/fuse_moe_experts.py` puts in place of a MoE block's routed experts (HF grouped_mm and
+    batched_mm, Step3's dense form): see `moe_experts_reference`. Lowered by codegen/moe_experts.py to
+    a counting sort of the (token, expert) pairs by expert and two grouped GEMMs."""
+    return moe_experts_reference(x, gate, up, down, weights, ids)
+
+
+@moe_experts.register_fake
+def _(x, gate, up, down, weights, ids):
+    return x.new_empty(x.shape[0], x.shape[1])

@@ -44,6 +44,7 @@ from flagtree_py.passes.eliminate_common_subexpressions import eliminate_common_
 from flagtree_py.passes.eliminate_dead_code import eliminate_dead_code
 from flagtree_py.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from flagtree_py.passes.fuse_attention import fuse_attention
+from flagtree_py.passes.fuse_moe_experts import fuse_moe_experts
 from flagtree_py.passes.fuse_moe_routing import fuse_moe_routing
 from flagtree_py.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
 from flagtree_py.passes.fuse_rms_norm import fuse_rms_norm
@@ -79,7 +80,8 @@ CANONICALIZE = [
 #: LLM patterns, most specific first: each stamps its instances, which the partitioner keeps
 #: in one kernel apiece (see passes/patterns.py)
 FUSE = [fuse_qk_norm_rope, fuse_add_rms_norm, fuse_rms_norm, fuse_rope, fuse_silu_mul,
-        fuse_moe_routing]  # rewrites its instances into one flagtree::moe_routing node (own template)
+        fuse_moe_routing,  # rewrites its instances into one flagtree::moe_routing node (own template)
+        fuse_moe_experts]  # routed experts -> one flagtree::moe_experts node (sort + grouped GEMMs)
 
 #: layout: parallel projections -> one GEMM (needs the real parameters: PassContext.parameters)
 LAYOUT = [merge_qkv, merge_gate_up]

@@ -30,6 +30,7 @@ class TemplateKernel:
     call: list[str]  # wrapper lines: allocations and the launch
     config: dict
     checks: list[str] = field(default_factory=list)  # check_kernel problems of the target's first tile
+    names: list[str] = field(default_factory=list)  # the @triton.jit kernels in `source`, if not just `name`
 
 
 def lower_moe_routing(node: torch.fx.Node, name: str, templates, target, arg, int64: bool) -> TemplateKernel:

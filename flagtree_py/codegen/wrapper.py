@@ -36,13 +36,15 @@ from flagtree_py.codegen.gemm import lower_gemm_group
 from flagtree_py.codegen.indexing import LoweringError, pexpr
 from flagtree_py.codegen.kernel import KernelBuilder
 from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
+from flagtree_py.codegen.moe_experts import lower_moe_experts
 from flagtree_py.codegen.moe_routing import lower_moe_routing
 from flagtree_py.codegen.share_kernels import group_signature, rename_identifiers
 
 _LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 #: flagtree ops a fusion pass put in the graph, each lowered by a template of its own
 _TEMPLATE_LOWERINGS = {torch.ops.flagtree.moe_routing.default: lower_moe_routing,
-                       torch.ops.flagtree.moe_routing_dense.default: lower_moe_routing}
+                       torch.ops.flagtree.moe_routing_dense.default: lower_moe_routing,
+                       torch.ops.flagtree.moe_experts.default: lower_moe_experts}
 _GENERIC_TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -334,18 +336,23 @@ class ModuleWriter:
         key = re.sub(rf"\b{name}", "<kernel>", kernel.source)
         first = self.template_keys.get(key) if self.share_kernels else None
         if first is not None:
-            record = next(r for r in self.out.kernels if r.name == first)
-            record.nodes.append(node.name)
-            record.groups.append(node.name)
-            return [rename_identifiers(line, {name: first}) for line in kernel.call]
+            for record in self.out.kernels:
+                if record.name == first or record.name.startswith(first + "_"):
+                    record.nodes.append(node.name)
+                    record.groups.append(node.name)
+            # the call names the kernel and what derives from its name (`{name}_count`, `{name}_fallback`)
+            words = {word for line in kernel.call for word in re.findall(r"\b\w+\b", line)}
+            renames = {word: first + word[len(name):] for word in words if word == name or word.startswith(name + "_")}
+            return [rename_identifiers(line, renames) for line in kernel.call]
         self.template_keys[key] = name
         if kernel.checks:
             self.out.kernel_checks.append({"kernel": name, "problems": kernel.checks,
                                            "action": f"re-lowered with {kernel.config}"})
         self.template_sections.append(kernel.source)
-        self.out.kernels.append(KernelRecord(name=name, group_id=-1, kind=name.split("_", 1)[1], source=kernel.source,
-                                             config=kernel.config, nodes=[node.name], stored=[node.name],
-                                             groups=[node.name]))
+        for kernel_name in kernel.names or [name]:  # a template may hold several kernels (moe_experts)
+            self.out.kernels.append(KernelRecord(name=kernel_name, group_id=-1, kind=kernel_name.split("_", 1)[1],
+                                                 source=kernel.source, config=kernel.config, nodes=[node.name],
+                                                 stored=[node.name], groups=[node.name]))
         return kernel.call
 
     def _order_steps(self, nodes, emitted_views) -> list:

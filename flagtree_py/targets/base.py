@@ -60,6 +60,18 @@ _GEMM_TILES = {
               GemmConfig(128, 64, 64, 128, 4), GemmConfig(128, 128, 32, 256, 4)),
 }
 
+#: fused MoE experts (codegen/moe_experts.py): grouped-GEMM tiles per bucket, best first ("small": few
+#: pairs per expert, decode; "large": prefill), shared by the gate/up GEMM (two B tiles) and the down GEMM;
+#: BLOCK_M is also the row padding of each expert's segment. "sort_elements": the one-hot tile
+#: (pairs x experts) of one sort program. "small" tiles are 16 rows (tl.dot's smallest) and narrow in N, in
+#: the spirit of vLLM's fused_moe defaults for few tokens: a decode step has one row block per chosen expert,
+#: and narrow N gives those few blocks enough programs to stream the experts' weights. Not yet tuned on a GPU.
+_MOE_TILES = {
+    "small": (GemmConfig(16, 32, 64, 128, 4), GemmConfig(16, 64, 128, 128, 3), GemmConfig(16, 32, 32, 128, 2)),
+    "large": (GemmConfig(64, 128, 64, 256, 3), GemmConfig(64, 64, 64, 128, 3), GemmConfig(32, 64, 32, 128, 2)),
+    "sort_elements": 8192,
+}
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -90,6 +102,7 @@ class TargetSpec:
     # streaming multiprocessors (compute units): decode GEMMs split K until about two programs run
     # on each; None (no public figure) keeps the tile table's SPLIT_K
     multiprocessors: int | None = None
+    moe_tiles: dict = field(default_factory=lambda: dict(_MOE_TILES))  # fused MoE experts (see _MOE_TILES)
     source: str = ""  # where the figures come from
     toolchain: str = ""  # e.g. "triton-3.6.0"; part of the hash
     extra: dict = field(default_factory=dict, compare=False, hash=False)

@@ -31,6 +31,9 @@ INTERPRETER = TargetSpec(
         "m128": (GemmConfig(32, 64, 32, 128, 1), GemmConfig(32, 16, 16, 128, 1)),
         "large": (GemmConfig(64, 64, 32, 128, 1), GemmConfig(32, 32, 16, 128, 1)),
     },
+    # MoE: small blocks so that tiny tests cross block and sort-program edges
+    moe_tiles={"small": (GemmConfig(16, 16, 16, 128, 1),), "large": (GemmConfig(32, 32, 32, 128, 1),),
+               "sort_elements": 64},
     source="no hardware: Triton's interpreter (TRITON_INTERPRET)",
 )
 

@@ -32,9 +32,12 @@ def _compile(preset: str, target: str, length: int = 7) -> tuple[dict, str]:
 
 #: the template kinds each tiny model's graph must exercise (7 query rows per K/V head: the decode path,
 #: flash-decoding and its combine kernel)
+_MOE_EXPERTS = {"moe_experts_count", "moe_experts_scatter", "moe_experts_gate_up", "moe_experts_down",
+                "moe_experts_reduce"}
 _TEMPLATES = {"qwen3": {"gemm", "attention_decode", "pointwise", "reduction"},
-              "qwen3-30b-a3b": {"gemm", "attention_decode", "moe_routing", "pointwise", "reduction"},
-              "step3": {"gemm", "attention_decode", "moe_routing_dense", "pointwise", "reduction"}}
+              "qwen3-30b-a3b": {"gemm", "attention_decode", "moe_routing", "pointwise", "reduction", *_MOE_EXPERTS},
+              # Step3's dense routing matrix becomes the sparse routing that feeds the fused experts
+              "step3": {"gemm", "attention_decode", "moe_routing", "pointwise", "reduction", *_MOE_EXPERTS}}
 
 
 def _assert_passes_checks(record: dict, source: str, target) -> None:
@@ -63,7 +66,9 @@ def test_each_target_lowers_and_matches_eager(preset):
         launches = re.findall(r"(?:run|run_gemm|flash_attention|flash_decoding)\((k\w+), .*num_warps=(\d+)", source)
         # one launch line per kernel; a flash-decoding line launches its combine kernel as well
         combines = sum(1 for k in record["kernels"] if k["name"].endswith("_combine"))
-        assert len({name for name, _ in launches}) + combines == record["triton_kernels"]
+        # a fused MoE experts line launches its five kernels (their warps: the plan, tests/codegen/test_moe_experts.py)
+        moe_experts = len(re.findall(r"run_moe_experts\((k\w+)_count, ", source)) * len(_MOE_EXPERTS)
+        assert len({name for name, _ in launches}) + combines + moe_experts == record["triton_kernels"]
         for _, count in launches:
             assert int(count) * target.warp_size <= target.max_threads_per_block
         warps[name] = [int(count) for _, count in launches]
