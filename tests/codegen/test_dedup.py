@@ -93,7 +93,7 @@ def _own_sources(generated) -> dict[str, frozenset]:
         if not kernel.groups:
             continue
         owner = kernel.groups[0]
-        prefix = re.sub(r"_(partial|reduce|combine)$", "", kernel.name)
+        prefix = re.sub(r"_(partial|reduce|combine|count|scatter|gate_up|down)$", "", kernel.name)  # a template's several kernels
         text = re.sub(rf"\b{re.escape(prefix)}", "<kernel>", kernel.source)
         sources.setdefault(owner, set()).add("\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#")))
     return {group: frozenset(texts) for group, texts in sources.items()}
