@@ -183,7 +183,8 @@ def floor_and_flops(case: Case, step: nn.Module, config, kv_heads: int, dtype: t
     return int(weight_bytes + kv_bytes), 2 * tokens * matmul_params_per_token + attention
 
 
-def timer(smoke: bool):
+def timer(smoke: bool, rep: int = 100):
+    """`bench(fn) -> ms`: triton's do_bench median on the GPU; three wall-clock runs with --smoke (CPU)."""
     if smoke:
         def bench(fn):
             times = []
@@ -195,7 +196,7 @@ def timer(smoke: bool):
         return bench
     from triton.testing import do_bench
 
-    return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return lambda fn: do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
 def copy_bandwidth(device: str, smoke: bool) -> float:

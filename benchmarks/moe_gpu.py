@@ -25,11 +25,11 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import time
 import traceback
 
 import torch
+from layer import timer
 
 import flagtree_py
 from flagtree_py.models import real_config, tiny_config
@@ -60,21 +60,6 @@ def _build_block(smoke: bool, experts: str, dtype: torch.dtype, device: str) -> 
     for param in block.parameters():
         param.data.copy_(torch.randn(param.shape, generator=generator).mul_(0.02))
     return block.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def timer(smoke: bool):
-    if smoke:
-        def bench(fn):
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-        return bench
-    from triton.testing import do_bench
-
-    return lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def compiled_mode(mode: str, block: torch.nn.Module, smoke: bool):
@@ -126,7 +111,7 @@ def run_mode(mode: str, tokens: int, args, reference: torch.Tensor, hidden: torc
             if not args.smoke:
                 torch.cuda.synchronize()
             entry["first_call_s"] = round(time.perf_counter() - start, 3)
-            entry["ms"] = timer(args.smoke)(lambda: fn(hidden))
+            entry["ms"] = timer(args.smoke, rep=200)(lambda: fn(hidden))
             out = fn(hidden)
         error = (out.float() - reference).abs().max().item()
         entry["max_abs_error_vs_fp32"] = error

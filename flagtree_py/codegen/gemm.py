@@ -268,9 +268,9 @@ def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list
             n = int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
             split = target.decode_split(tiles[0], n, spec.k)
             extra = {"SPLIT_K": split} if split > 1 else {"GROUP_M": GROUP_M}
-            configs[bucket] = [_meta(target, t) | extra for t in tiles]
+            configs[bucket] = [tile_meta(target, t) | extra for t in tiles]
         else:
-            configs[bucket] = [_meta(target, t) | {"GROUP_M": GROUP_M} for t in tiles]
+            configs[bucket] = [tile_meta(target, t) | {"GROUP_M": GROUP_M} for t in tiles]
     return configs
 
 
@@ -305,7 +305,8 @@ def checked_configs(target, source: str, spec: GemmSpec, configs: dict[str, list
     return kept, problems
 
 
-def _meta(target, tile: GemmConfig) -> dict:
+def tile_meta(target, tile: GemmConfig) -> dict:
+    """A tile as launch meta-parameters: warps in the target's warp size; stages only where pipelined."""
     meta = {"BLOCK_M": tile.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K,
             "num_warps": target.num_warps(tile.threads)}
     if tile.num_stages != 1:

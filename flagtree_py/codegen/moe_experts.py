@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 from flagtree_py.codegen.check_kernel import SOURCE_PROBLEMS, KernelCheckFailed, check_kernel
+from flagtree_py.codegen.gemm import tile_meta
 from flagtree_py.codegen.indexing import LoweringError
 from flagtree_py.codegen.moe_routing import TemplateKernel
 from flagtree_py.codegen.types import dot_forms, triton_dtype
@@ -70,7 +71,7 @@ def lower_moe_experts(node: torch.fx.Node, name: str, templates, target, arg, in
     problems += _check(source, {"XBLOCK": REDUCE_TILE["BLOCK_T"] * REDUCE_TILE["BLOCK_N"], **plan["reduce"],
                                 "kind": "pointwise"}, target, f"{name}_reduce")
     for bucket in ("small", "large"):
-        tiles = [t for t in (_fitted(target, tile, element) for tile in target.moe_tiles[bucket]) if t is not None]
+        tiles = [t for t in (target.fit_gemm_tile(tile, element, 2) for tile in target.moe_tiles[bucket]) if t is not None]
         found, first = _first_passing(source, tiles, target, element, name)
         problems += first
         plan[bucket] = found
@@ -91,37 +92,12 @@ def lower_moe_experts(node: torch.fx.Node, name: str, templates, target, arg, in
     return TemplateKernel(name, section, call, config, problems, names=[f"{name}_{kernel}" for kernel in KERNELS])
 
 
-def _fitted(target, tile: GemmConfig, element: int) -> GemmConfig | None:
-    """`tile` with as many pipeline stages as the target's shared memory holds for the gate/up GEMM (an A
-    tile and two B tiles per stage); None when even one stage does not fit, or the accumulators (two
-    BLOCK_M x BLOCK_N fp32) would take more than half the registers."""
-    from dataclasses import replace
-
-    stages = tile.num_stages
-    while stages > 1 and replace(tile, num_stages=stages).shared_memory_bytes(element, 2) > target.shared_memory_per_block:
-        stages -= 1
-    fitted = replace(tile, num_stages=stages)
-    if fitted.shared_memory_bytes(element, 2) > target.shared_memory_per_block:
-        return None
-    if target.registers_per_block is not None and 2 * tile.BLOCK_M * tile.BLOCK_N > target.registers_per_block // 2:
-        return None
-    return fitted if tile.threads <= target.max_threads_per_block else None
-
-
-def _meta(target, tile: GemmConfig) -> dict:
-    meta = {"BLOCK_M": tile.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_K": tile.BLOCK_K,
-            "num_warps": target.num_warps(tile.threads)}
-    if tile.num_stages != 1:
-        meta["num_stages"] = tile.num_stages
-    return meta
-
-
 def _first_passing(source: str, tiles: list[GemmConfig], target, element: int, name: str) -> tuple[dict, list[str]]:
     """{"gate_up": meta, "down": meta} of the first tile that passes check_kernel for both GEMMs (one
     BLOCK_M: the sort's padding), and the problems of the tiles before it; KernelCheckFailed if none does."""
     first: list[str] = []
     for tile in tiles:
-        meta = _meta(target, tile)
+        meta = tile_meta(target, tile)
         problems = []
         for accumulators in (2, 1):  # gate_up reads two B tiles per step, down one
             config = {**meta, "kind": "gemm", "element_bytes": element,

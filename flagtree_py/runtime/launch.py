@@ -37,6 +37,9 @@ class GuardedKernel:
         self.on_compile = on_compile  # called once per Triton compile of this kernel
         # runtime/aot.py ContentBinaries: binaries found by content, asked before any JIT compile
         self.content_binaries = content_binaries
+        # launch parameters Triton's JIT already serves in this process: no content lookup (an argument
+        # scan per launch) for them again; the JIT specializes on its own
+        self.jit_metas: set[tuple] = set()
         self.tuner = None  # GEMM kernels: runtime/autotune.py chooses their tile per M bucket
         self.candidates: dict | None = None
         self.compiles = 0
@@ -73,7 +76,9 @@ class GuardedKernel:
                 warnings.warn(f"flagtree: cached binary of {self.name} failed ({type(error).__name__}: {error}); "
                               "compiling it with Triton", stacklevel=3)
                 self.binary = None
-        if self.content_binaries is not None and self.failed is None and not self.interpreted:
+        jit_meta = tuple(meta.items())
+        if (self.content_binaries is not None and self.failed is None and not self.interpreted
+                and jit_meta not in self.jit_metas):
             binary = self.content_binaries.find(self.name, self.kernel, args, meta)
             if binary is not None:
                 try:
@@ -102,6 +107,7 @@ class GuardedKernel:
                 if self.on_failure is not None:
                     self.on_failure(self.name, self.failed)
             else:
+                self.jit_metas.add(jit_meta)
                 if self.content_binaries is not None and compiled is not None:
                     self._remember(compiled, args, meta)
                 return

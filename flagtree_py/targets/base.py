@@ -157,23 +157,31 @@ class TargetSpec:
             split = min(16, _floor_power_of_2(wanted))
         return max(1, min(split, -(-k // tile.BLOCK_K)))
 
+    def fit_gemm_tile(self, tile: GemmConfig, element_bytes: int, accumulators: int) -> GemmConfig | None:
+        """`tile` with as many pipeline stages as the shared memory holds (64 KB chips keep fewer);
+        None when one stage never fits, it needs too many threads, or its fp32 accumulators would take
+        more than half the register file (they spill)."""
+        stages = tile.num_stages
+        while stages > 1 and replace(tile, num_stages=stages).shared_memory_bytes(
+                element_bytes, accumulators) > self.shared_memory_per_block:
+            stages -= 1
+        fitted = replace(tile, num_stages=stages)
+        registers = accumulators * tile.BLOCK_M * tile.BLOCK_N
+        if self.registers_per_block is not None and registers > self.registers_per_block // 2:
+            return None
+        if (fitted.shared_memory_bytes(element_bytes, accumulators) > self.shared_memory_per_block
+                or tile.threads > self.max_threads_per_block):
+            return None
+        return fitted
+
     def gemm_candidates(self, bucket: str, element_bytes: int, accumulators: int) -> list[GemmConfig]:
         """The bucket's tiles on this target: a tile whose pipeline does not fit the shared memory
         keeps fewer stages (64 KB chips), one that never fits, needs too many threads or holds
         too many accumulators for the registers is dropped; never none (a small tile that fits any chip closes an empty list)."""
         found: list[GemmConfig] = []
         for tile in self.gemm_tiles[bucket]:
-            stages = tile.num_stages
-            while stages > 1 and replace(tile, num_stages=stages).shared_memory_bytes(
-                    element_bytes, accumulators) > self.shared_memory_per_block:
-                stages -= 1
-            fitted = replace(tile, num_stages=stages)
-            # fp32 accumulators live in registers: past half the register file they spill
-            registers = accumulators * tile.BLOCK_M * tile.BLOCK_N
-            if self.registers_per_block is not None and registers > self.registers_per_block // 2:
-                continue
-            if (fitted.shared_memory_bytes(element_bytes, accumulators) <= self.shared_memory_per_block
-                    and tile.threads <= self.max_threads_per_block and fitted not in found):
+            fitted = self.fit_gemm_tile(tile, element_bytes, accumulators)
+            if fitted is not None and fitted not in found:
                 found.append(fitted)
         smallest = self.gemm_tiles[bucket][-1]
         return found or [GemmConfig(16, 32, 32, 2 * self.warp_size, 1, smallest.SPLIT_K)]
