@@ -10,7 +10,9 @@ accumulators and `silu(acc0) * acc1`, and only the product is stored.
 
 Operands are read in place through the strides of their views: a transposed weight (`permute`,
 `t`) is a stride swap, never a copy. The wrapper picks the kernel per call from the row count M
-(symbolic: one compile serves all): few rows (decode) run the split-K pair, more the tiled kernel.
+(symbolic: one compile serves all): few rows (decode) run the split-K pair, more the tiled kernel
+(up to 128 rows also split K where the target's multiprocessors would otherwise idle). On Hopper the
+tiled kernel loads its operands through tensor descriptors (TMA) when their layout allows.
 """
 
 from __future__ import annotations
@@ -123,6 +125,11 @@ class GemmSpec:
     n_expr: sympy.Expr | None = None
     tiled: bool = True
     split: bool = True
+    # the tiled kernel loads through tensor descriptors (TMA): B read as rows of the weight [columns, K]
+    tma: bool = False
+    b_columns: int = 0
+    tma_buffers: list[str] = field(default_factory=list)  # the wrapper's A and B buffers, alignment-checked
+    persistent: bool = False  # a candidate of the TMA kernel runs persistent (NUM_SMS > 0)
 
 
 class GemmEpilogueBuilder(KernelBuilder):
@@ -236,6 +243,7 @@ class GemmEpilogueBuilder(KernelBuilder):
         wrapper_name = {pointer: buffer for buffer, pointer in self.inputs.items()}
         unspecialized = [scalar for scalar, dtype in self.scalars.values() if not dtype.is_floating_point] + symbols
         dot_cast, dot_options = dot_forms(self.gemm.node.meta["val"].dtype, self.target)
+        tma = _tma_layout(self.target, layout, self.gemm.k, a_val.element_size())
         return GemmSpec(
             name=name, arguments=arguments, launch_args=launch,
             partial_arguments=[*pointers, "workspace", *symbols],
@@ -245,8 +253,24 @@ class GemmEpilogueBuilder(KernelBuilder):
             b_offset=pexpr(layout[3]), stride_bk=pexpr(layout[4]), stride_bn=pexpr(layout[5]),
             offsets=list(self.offsets), dot_cast=dot_cast, dot_options=dot_options, epilogue=lines, index_dtype=index_dtype,
             symbols=symbols, unspecialized=unspecialized, partial_unspecialized=symbols, comment=comment,
-            m_expr=m, n_expr=n,
+            m_expr=m, n_expr=n, tma=tma, b_columns=int(b_val.shape[1]) if tma else 0,
+            tma_buffers=[wrapper_name[a_ptr], wrapper_name[b_ptr]] if tma else [],
         )
+
+
+def _tma_layout(target, layout: list[sympy.Expr], k: int, element: int) -> bool:
+    """Whether the tiled kernel can load A [M, K] and B's weight rows [columns, K] through tensor
+    descriptors: the target has TMA, both are contiguous along K with static row strides and offsets
+    that keep every row 16-byte aligned (TMA's rule; the wrapper checks the base pointers per call).
+    Descriptor coordinates are 32-bit per dimension (rows and columns, not elements): int64 indexing of
+    the epilogue's stores does not matter to them."""
+    if "tma" not in target.features:
+        return False
+    a_offset, stride_am, stride_ak, b_offset, stride_bk, stride_bn = layout
+    if not all(x.is_Integer for x in layout) or stride_ak != 1 or stride_bk != 1:
+        return False
+    return all(int(x) * element % 16 == 0 for x in (a_offset, stride_am, b_offset, stride_bn)) \
+        and int(stride_am) >= k and int(stride_bn) >= k
 
 
 def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list[dict]]:
@@ -265,13 +289,27 @@ def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list
         tiles: list[GemmConfig] = target.gemm_candidates(bucket, element, accumulators)
         if bucket == "m16":
             tiles = [replace(t, BLOCK_N=max(16, t.BLOCK_N // accumulators)) for t in tiles]
-            n = int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
-            split = target.decode_split(tiles[0], n, spec.k)
+            split = _bucket_split(target, spec, tiles[0])
             extra = {"SPLIT_K": split} if split > 1 else {"GROUP_M": GROUP_M}
             configs[bucket] = [tile_meta(target, t) | extra for t in tiles]
+        elif bucket == "m128" and _bucket_split(target, spec, tiles[0]) > 1:
+            # up to 128 rows (decode at batch <= 128) is still a weight stream: a wide N makes enough
+            # programs, a narrow one (o_proj, down) gets split-K as decode does
+            split = _bucket_split(target, spec, tiles[0])
+            configs[bucket] = [tile_meta(target, t) | {"SPLIT_K": split} for t in tiles]
         else:
             configs[bucket] = [tile_meta(target, t) | {"GROUP_M": GROUP_M} for t in tiles]
+        if spec.tma and not is_split(configs[bucket]):
+            for meta, tile in zip(configs[bucket], tiles):
+                meta |= {"NUM_SMS": (target.multiprocessors or 0) if tile.persistent else 0,
+                         "WARP_SPECIALIZE": tile.warp_specialize and tile.persistent}
+                spec.persistent |= meta["NUM_SMS"] > 0
     return configs
+
+
+def _bucket_split(target, spec: GemmSpec, tile: GemmConfig) -> int:
+    n = int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
+    return target.decode_split(tile, n, spec.k)
 
 
 def is_split(metas: list[dict]) -> bool:
@@ -352,13 +390,15 @@ def _bucket_body(spec: GemmSpec, bucket: str, meta: dict, m: str, n: str, device
         return ", ".join(f"{key}={value}" for key, value in values.items())
 
     if "SPLIT_K" not in meta:
-        return [f"run_gemm({spec.name}, {bucket!r}, GemmGrid({m}, {n}), {', '.join(spec.launch_args)}, {keywords(meta)})"]
+        aligned = f"tma=({', '.join(spec.tma_buffers)}), " if spec.tma else ""
+        return [(f"run_gemm({spec.name}, {bucket!r}, GemmGrid({m}, {n}), {', '.join(spec.launch_args)}, "
+                 f"{aligned}{keywords(meta)})")]
     split = meta["SPLIT_K"]
     shape = f"({split}, {len(spec.offsets)}, {m}, {n})"
     reduce = REDUCE_TILE | {"SPLIT_K": split, "num_warps": reduce_warps}
     return [
         f"{spec.name}_workspace = torch.empty({shape}, dtype=torch.float32, device={device})",
-        (f"run_gemm({spec.name}_partial, 'm16', GemmGrid({m}, {n}, {split}), "
+        (f"run_gemm({spec.name}_partial, {bucket!r}, GemmGrid({m}, {n}, {split}), "
          f"{', '.join(spec.partial_launch_args)}, {keywords(meta)})"),
         (f"run({spec.name}_reduce, (cdiv({m}, {reduce['BLOCK_M']}) * cdiv({n}, {reduce['BLOCK_N']}),), "
          f"{spec.name}_workspace, {', '.join(spec.launch_args)}, {keywords(reduce)})"),

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
+from flagtree_py.runtime import launch
 from flagtree_py.runtime.launch import cdiv, counters, run
 
 
@@ -24,6 +26,8 @@ class GemmGrid:
 
     def __call__(self, meta: dict) -> tuple[int, ...]:
         tiles = cdiv(self.m, meta["BLOCK_M"]) * cdiv(self.n, meta["BLOCK_N"])
+        if meta.get("NUM_SMS"):  # persistent: at most one program per multiprocessor, each walking tiles
+            tiles = min(tiles, meta["NUM_SMS"])
         return (tiles, self.split) if self.split > 1 else (tiles,)
 
 
@@ -85,14 +89,49 @@ class GemmTuner:
         return statistics.median(samples)
 
 
-def run_gemm(kernel, bucket: str, grid: GemmGrid, *args, **meta) -> None:
-    """`run` for GEMM kernels: the tuner (if the loader attached one) may replace the tile."""
+def run_gemm(kernel, bucket: str, grid: GemmGrid, *args, tma: tuple = (), **meta) -> None:
+    """`run` for GEMM kernels: the tuner (if the loader attached one) may replace the tile.
+
+    `tma`: the operand buffers a kernel reads through tensor descriptors. TMA needs 16-byte aligned
+    base addresses, which only a call can tell (a view may start anywhere): a call with one that is
+    not runs the kernel's aten twin, with a warning once per kernel.
+    """
     if grid.m <= 0 or grid.n <= 0:
         return
+    if tma and not launch.dry_running():
+        if any(buffer.data_ptr() % 16 for buffer in tma):
+            counters["gemm_unaligned_calls"] += 1
+            if not getattr(kernel, "warned_unaligned", False):
+                kernel.warned_unaligned = True
+                warnings.warn(f"flagtree: {kernel.name} got an operand not 16-byte aligned, which its tensor "
+                              "descriptors cannot read; such calls run its aten fallback", stacklevel=2)
+            kernel.fallback(*args)
+            return
+        ensure_scratch_allocator()
     tuner = getattr(kernel, "tuner", None)
     if tuner is not None:
         meta = tuner.choose(kernel, bucket, grid, args, meta)
     run(kernel, grid(meta), *args, **meta)
+
+
+def ensure_scratch_allocator() -> None:
+    """Device-side tensor descriptors live in a global scratch buffer that Triton's launcher asks its
+    allocator for. Triton's allocator is per context (a new thread starts with none): give this one
+    torch's, unless the user set their own."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        import triton
+
+        triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    import torch
+
+    # torch's caching allocator aligns to 512 bytes, beyond what descriptors need (128); under CUDA graph
+    # capture the buffer comes from the graph's pool
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def attach_tuner(module, kernel_names: list[str], tuner: GemmTuner) -> None:

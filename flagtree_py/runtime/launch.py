@@ -222,3 +222,8 @@ def _interpreter_stdlib():
                 for name, value in attributes.items():
                     if vars(obj).get(name) is not value:
                         setattr(obj, name, value)
+
+
+def dry_running() -> bool:
+    """Whether wrappers run under `dry_run` (fake tensors: nothing to launch or inspect)."""
+    return _DRY_RUN

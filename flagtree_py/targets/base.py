@@ -28,6 +28,11 @@ class GemmConfig:
 
     SPLIT_K > 1 is the decode (few rows) form: K is cut into SPLIT_K slices whose partial sums
     a second kernel adds in a fixed order (deterministic, unlike atomics).
+
+    On targets with TMA (where the operands' layout allows it, codegen/gemm.py) the tiled kernel
+    loads through tensor descriptors; there `persistent` runs one program per multiprocessor walking
+    the tiles, and `warp_specialize` asks Triton to split those programs into loading and computing
+    warps. Elsewhere both are ignored.
     """
 
     BLOCK_M: int
@@ -36,6 +41,8 @@ class GemmConfig:
     threads: int = 128
     num_stages: int = 3
     SPLIT_K: int = 1
+    persistent: bool = False
+    warp_specialize: bool = False
 
     def shared_memory_bytes(self, element_bytes: int, accumulators: int) -> int:
         """Operand tiles held in shared memory across the software pipeline's stages."""
@@ -46,7 +53,7 @@ class GemmConfig:
 #: M buckets of the GEMM template, chosen per call by the wrapper: decode (split-K), small, large
 GEMM_BUCKETS = (("m16", 16), ("m128", 128), ("large", None))
 
-_GEMM_TILES = {
+GEMM_TILES = {
     # decode: BLOCK_M=16 is tl.dot's smallest M; split-K gives the few rows enough programs (the
     # target's `decode_split` may choose SPLIT_K from its multiprocessors). Order: the H100 sweep's
     # best over Qwen3-8B's four projections first (benchmarks/results/gemm_tiles_sweep_h100_*.json)
@@ -98,7 +105,7 @@ class TargetSpec:
     # contents are hashed, not its path, so an entry's key is the same wherever flagtree is installed
     template_dir: str | None = field(default=None, compare=False)
     # GEMM template tiles per M bucket, best guess first (the heuristic config without autotuning)
-    gemm_tiles: dict = field(default_factory=lambda: dict(_GEMM_TILES))
+    gemm_tiles: dict = field(default_factory=lambda: dict(GEMM_TILES))
     # streaming multiprocessors (compute units): decode GEMMs split K until about two programs run
     # on each; None (no public figure) keeps the tile table's SPLIT_K
     multiprocessors: int | None = None

@@ -7,7 +7,7 @@ block, 64K 32-bit registers per block; shared memory per block up to 227 KB on 9
 
 from pathlib import Path
 
-from flagtree_py.targets.base import TargetSpec
+from flagtree_py.targets.base import GEMM_TILES, GemmConfig, TargetSpec
 
 _COMMON = dict(
     vendor="nvidia",
@@ -19,6 +19,14 @@ _COMMON = dict(
     source="CUDA C++ Programming Guide, Compute Capabilities (Technical Specifications per CC)",
 )
 
+#: Hopper's tiled GEMM loads through TMA (codegen/gemm.py), measured at M=2048 on Qwen3-8B's projections
+#: (benchmarks/gemm_hopper_probe.py, gemm_hopper_probe_h100_*.json): one accumulator runs fastest
+#: persistent and warp-specialized at 128x256 (qkv 146 us, o_proj 99, down 269; cuBLAS 136, 95, 282);
+#: SwiGLU's two keep 128x128, one program per tile (570 us; cuBLAS 593 for the GEMM alone)
+_HOPPER_LARGE = (GemmConfig(128, 256, 64, 256, 3, persistent=True, warp_specialize=True),
+                 GemmConfig(128, 128, 64, 256, 4), GemmConfig(128, 256, 64, 256, 4, persistent=True),
+                 GemmConfig(256, 128, 64, 256, 3), GemmConfig(128, 64, 64, 128, 4))
+
 SM90 = TargetSpec(
     name="nvidia-sm90",
     arch="sm_90",
@@ -27,6 +35,7 @@ SM90 = TargetSpec(
     multiprocessors=132,  # H100 SXM5 and H200 (NVIDIA H100 Tensor Core GPU Architecture whitepaper)
     dtypes=frozenset({"fp32", "fp16", "bf16", "fp8e4m3", "fp8e5m2", "fp64", "int64", "int32", "int8", "bool"}),
     features=frozenset({"tma", "wgmma", "async_copy", "fp8", "cuda_graphs"}),
+    gemm_tiles={**GEMM_TILES, "large": _HOPPER_LARGE},
     **_COMMON,
 )
 
