@@ -160,7 +160,10 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=100, help="ms of timed repetitions per measurement")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--forms", default=",".join(FORMS))
+    parser.add_argument("--tiles", default="", help="BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages;... "
+                        "(default: the built-in list)")
     args = parser.parse_args()
+    tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split(";")] if args.tiles else TILES
 
     # device-side tensor descriptors need a global scratch allocation from the launcher
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -190,7 +193,7 @@ def main() -> None:
         entry["cublas_tflops"] = round(flop / entry["cublas_us"] / 1e6, 1)
         for form in args.forms.split(","):
             rows = []
-            for tile in TILES:
+            for tile in tiles:
                 c = torch.empty(args.m, n, device="cuda", dtype=torch.bfloat16)
                 row = {"tile": list(tile)}
                 try:
