@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-autotune", action="store_true", help="add Inductor mode=max-autotune (slow compile)")
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                         help="prefill lengths of the recompile count (flagtree)")
+    parser.add_argument("--recompiles-only", action="store_true",
+                        help="flagtree: only the recompile count over --lengths (no batch timing, no warm process)")
     parser.add_argument("--recompile-layers", type=int, default=2,
                         help="layers of the model the recompile count compiles (default 2; same shapes otherwise)")
     parser.add_argument("--agreement-steps", type=int, default=32,
@@ -186,6 +188,8 @@ def worker(args) -> dict:
     result["build_s"] = round(time.perf_counter() - start, 2)
     vocab = lm.config.vocab_size
     batches = args.batches[:1] if args.worker.endswith("-warm") else args.batches
+    if args.recompiles_only and mode == "flagtree":
+        batches = []
     cudagraphs = mode in ("reduce-overhead", "max-autotune")
     for batch in batches:
         torch._dynamo.reset()
@@ -377,7 +381,7 @@ def recompiles(args, device: str) -> dict:
         "triton_compiles at a length with no new Dynamo graph are Triton JIT builds of kernels first used at that "
         "length (compiled_kernels names them): a GEMM's M bucket (m16: <= 16 rows, m128: <= 128, large), the "
         "attention prefill kernel (from 17 tokens on with 4 query heads per KV head), or Triton's specialization "
-        "of integer kernel arguments divisible by 16 or equal to 1 (lengths, in the attention kernels). flagtree's "
+        "of integer kernel arguments divisible by 16 (lengths, in the attention kernels). flagtree's "
         "runtime choosing kernels per length bucket, not Dynamo: once per bucket per process")
     return result
 
@@ -579,7 +583,7 @@ def parent(args) -> dict:
     # flagtree (the subject) right after eager (the reference); Inductor last, where the budget may skip it
     for mode in sorted(args.mode_list, key=("eager", "flagtree", "reduce-overhead", "max-autotune").index):
         names.append(mode)
-        if mode == "flagtree":
+        if mode == "flagtree" and not args.recompiles_only:
             names.append("flagtree-warm")  # a second process: the same graphs, found in the cache
     for name in names:
         remaining = args.budget_s - (time.perf_counter() - started)
@@ -601,6 +605,14 @@ def _brief(result: dict) -> str:
         return result.get("error") or result["skipped"]
     parts = [f"b{b}: {e['ms_per_step']} ms/step, first call {e['first_call_s']} s" if "ms_per_step" in e
              else f"b{b}: {e.get('error', '?')[:200]}" for b, e in result["batches"].items()]
+    lengths = result.get("recompiles", {})
+    if "recompiles" in lengths:
+        plain = lengths.get("plain_call", {})
+        parts.append(f"recompiles over lengths: {lengths['recompiles']} (plain call: {plain.get('recompiles', '?')}); "
+                     f"decode at length 1: {lengths['decode']['ms_per_step']} ms/step through the dynamic graph, "
+                     f"{plain.get('decode', {}).get('ms_per_step', '?')} through the plain call's")
+    elif "error" in lengths:
+        parts.append(f"recompiles: {lengths['error'][:200]}")
     agreement = result.get("agreement", {})
     if "top1_agreement" in agreement:
         parts.append(f"top-1 vs eager {agreement['top1_agreement']:.2%} over {agreement['positions']} positions")
