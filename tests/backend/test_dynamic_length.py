@@ -111,6 +111,8 @@ def test_one_graph_serves_every_length_and_decode(launches):
         if length == 1:
             assert attention and all("decode" in name for name in attention), attention
             assert gemm_rows == {16}, gemm_rows
+            # the tile of a length-1 graph (2 query heads per K/V head: 2 rows), not the symbolic graph's largest
+            assert {meta["BLOCK_M"] for name, meta in used if name.endswith("_decode")} == {16}
         else:
             assert attention and all("prefill" in name for name in attention), attention
             assert gemm_rows and min(gemm_rows) > 16, gemm_rows
@@ -167,3 +169,37 @@ def test_plain_call_compiles_length_one_apart():
             step(torch.zeros(1, length, dtype=torch.long), torch.arange(length).unsqueeze(0))
             graphs.append(_graphs() - before)
     assert graphs[0] >= 1 and graphs[1] >= 1, graphs
+
+
+@pytest.mark.slow
+def test_decode_tiles_of_a_dynamic_length_build_for_sm90(monkeypatch):
+    """One graph of symbolic length serves decode rows 4 (length 1), 20 and 64 with BLOCK_M 16, 32 and 64 (the
+    tile each length's own graph would take): each builds ahead of time for sm_90 (Qwen3-8B heads, bf16)."""
+    import flagtree_py.runtime.attention as attention_runtime
+    from flagtree_py.runtime.aot import compile_for_nvidia, launch_signature
+
+    launches = []
+    monkeypatch.setattr(attention_runtime, "run", lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta)))
+
+    def attend(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    compiled = torch.compile(attend, backend="flagtree", options={"target": "nvidia", "fallback": False})
+    k = v = torch.zeros(1, 8, 64, 128, dtype=torch.bfloat16)
+    tiles = {}
+    with torch.no_grad():
+        for index, length in enumerate((1, 5, 16)):
+            q = torch.zeros(1, 32, length, 128, dtype=torch.bfloat16)
+            mask = torch.ones(1, 1, length, 64, dtype=torch.bool)
+            del launches[:]
+            if index == 0:
+                with dynamic_length.any_length(q, mask, dim=2):
+                    compiled(q, k, v, mask)
+            else:
+                compiled(q, k, v, mask)
+            (decode,) = [(kernel, args, meta) for kernel, args, meta in launches if kernel.name.endswith("_decode")]
+            tiles[length] = decode[2]["BLOCK_M"]
+            built = compile_for_nvidia(decode[0].kernel.fn, launch_signature(decode[1], decode[2]), 90)
+            assert built.asm["cubin"]
+    assert tiles == {1: 16, 5: 32, 16: 64}
+    assert len(flagtree_py.report()) == 1 and flagtree_py.report()[0]["dynamic_symbols"]
