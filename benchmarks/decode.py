@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-autotune", action="store_true", help="add Inductor mode=max-autotune (slow compile)")
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                         help="prefill lengths of the recompile count (flagtree)")
+    parser.add_argument("--recompiles-only", action="store_true",
+                        help="flagtree: only the recompile count over --lengths (no batch timing, no warm process)")
     parser.add_argument("--recompile-layers", type=int, default=2,
                         help="layers of the model the recompile count compiles (default 2; same shapes otherwise)")
     parser.add_argument("--agreement-steps", type=int, default=32,
@@ -181,6 +183,9 @@ def worker(args) -> dict:
     device, _ = device_and_dtype(args)
     mode = args.worker.removesuffix("-warm")
     result: dict = {"mode": args.worker, "batches": {}}
+    if args.recompiles_only and mode == "flagtree":  # the recompile count builds its own few-layer model
+        result["recompiles"] = _guarded(recompiles, args, device)
+        return result
     start = time.perf_counter()
     lm, result["experts_implementation"] = build(args)
     result["build_s"] = round(time.perf_counter() - start, 2)
@@ -358,33 +363,88 @@ def _quantiles(values: torch.Tensor) -> dict:
 
 
 def recompiles(args, device: str) -> dict:
-    """Prefill (compiled by flagtree, batch 1, default dynamic=None as users call it) at every length of
-    --lengths: how many graphs Dynamo compiled, and at which lengths. On a model of the same shapes with
-    --recompile-layers layers: what Dynamo guards on does not depend on the layer count, and every compile
-    of the whole model would cost minutes of Triton builds."""
-    import flagtree_py
+    """Prefill (compiled by flagtree, batch 1) at every length of --lengths, then decode steps, counting the
+    graphs Dynamo compiled. On a model of the same shapes with --recompile-layers layers: what Dynamo guards
+    on does not depend on the layer count, and every compile of the whole model costs minutes of Triton builds.
 
+    Two callers: the one-graph one (flagtree_py/models/dynamic_length.py: flagtree's SDPA attention, a 4D mask
+    from the caller, the first call traced with a dynamic length), whose count is the issue's figure, and the
+    plain one (`torch.compile(forward, backend="flagtree")`, transformers' masks, Dynamo's defaults), kept as
+    the evidence of why the recipe is needed. Both then time decode steps at length 1: through the dynamic
+    graph vs the plain caller's length-1 graph (static), CUDA graphs on for length 1 in both."""
+    from flagtree_py.models import dynamic_length
+
+    result = {"layers": args.recompile_layers, "lengths": args.length_list, "decode_context": max(args.length_list),
+              "size_oblivious_supported": dynamic_length.size_oblivious_supported()}
+    result.update(_guarded(_length_sweep, args, device, True))
+    result["plain_call"] = _guarded(_length_sweep, args, device, False)
+    result["per_length_note"] = (
+        "triton_compiles at a length with no new Dynamo graph are Triton JIT builds of kernels first used at that "
+        "length (compiled_kernels names them): a GEMM's M bucket (m16: <= 16 rows, m128: <= 128, large), the "
+        "attention prefill kernel (from 17 tokens on with 4 query heads per KV head), or Triton's specialization "
+        "of integer kernel arguments divisible by 16 (lengths, in the attention kernels). flagtree's "
+        "runtime choosing kernels per length bucket, not Dynamo: once per bucket per process")
+    return result
+
+
+def _length_sweep(args, device: str, one_graph: bool) -> dict:
+    import flagtree_py
+    from flagtree_py.models import dynamic_length
+    from flagtree_py.runtime import launch
+
+    torch._dynamo.reset()
+    flagtree_py.clear_report()
     lm, _ = build(args, args.recompile_layers)
-    lengths = args.length_list
-    decoder = Decoder(lm, 1, max(lengths) + 1, device)
-    step = compile_for("flagtree", decoder.forward, args, cuda_graphs=False)
+    lengths, steps = args.length_list, args.tokens + 2  # 2 untimed: the first warms, the second captures
+    decoder = Decoder(lm, 1, max(lengths) + steps + 1, device)
+    forward = decoder.forward
+    if one_graph:
+        dynamic_length.use_flagtree_attention(lm)
+
+        def forward(ids, positions):  # what a one-graph caller writes
+            mask = dynamic_length.static_cache_mask(positions, decoder.max_len)
+            return lm(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=decoder.cache,
+                      use_cache=True).logits
+    # CUDA graphs for length 1 (decode) only: a captured graph per prompt length would be memory for nothing
+    options = {"target": "interpreter" if args.smoke else "auto", "cuda_graphs": not args.smoke,
+               "cuda_graph_sizes": (1,)}
+    step = torch.compile(forward, backend="flagtree", options=options)
     from torch._dynamo.utils import counters
 
     new_graph_at, per_length = [], []
     before = _dynamo_graphs()
     breaks_before = dict(counters["graph_break"])
     with torch.no_grad():
-        for length in lengths:
+        for index, length in enumerate(lengths):
             decoder.cache.reset()
             ids = torch.randint(0, lm.config.vocab_size, (1, length), device=device)
-            seen = _dynamo_graphs()
+            positions = torch.arange(length, device=device).unsqueeze(0)
+            seen, compiles, kernels = _dynamo_graphs(), launch.counters["triton_compiles"], _kernel_compiles()
             t0 = time.perf_counter()
-            step(ids, torch.arange(length, device=device).unsqueeze(0))
+            if one_graph and index == 0:
+                with dynamic_length.any_length(ids, positions):
+                    logits = step(ids, positions)
+            else:
+                logits = step(ids, positions)
             synchronize(device)
-            per_length.append({"length": length, "s": round(time.perf_counter() - t0, 3)})
+            compiled = _kernel_compiles()
+            per_length.append({"length": length, "s": round(time.perf_counter() - t0, 3),
+                               "new_graphs": _dynamo_graphs() - seen,
+                               "triton_compiles": launch.counters["triton_compiles"] - compiles,
+                               "compiled_kernels": sorted(k for k in compiled if compiled[k] > kernels.get(k, 0))})
             if _dynamo_graphs() > seen:
                 new_graph_at.append(length)
-    graphs = _dynamo_graphs() - before
+        # decode after the longest prompt, through whatever graph serves length 1
+        graphs_before_decode = _dynamo_graphs()
+        tokens, start = logits[:, -1:].argmax(-1), max(lengths)
+        positions = [torch.full((1, 1), start + i, device=device) for i in range(steps)]
+        for i in range(steps):
+            if i == 2:
+                synchronize(device)
+                t0 = time.perf_counter()
+            tokens = step(tokens, positions[i])[:, -1:].argmax(-1)
+        synchronize(device)
+        decode_ms = 1000 * (time.perf_counter() - t0) / (steps - 2)
     records = flagtree_py.report()
     flagtree_py.clear_report()
     breaks: dict = {}
@@ -392,13 +452,33 @@ def recompiles(args, device: str) -> dict:
         if n > breaks_before.get(reason, 0):
             short = _short_reason(reason)
             breaks[short] = breaks.get(short, 0) + n - breaks_before.get(reason, 0)
+    decoder = step = lm = None
+    if device == "cuda":
+        torch.cuda.empty_cache()
     # a recompile: a length after the first that made Dynamo compile again (each compile may hold several
     # graphs when the forward has graph breaks, listed apart)
-    return {"layers": args.recompile_layers, "lengths": lengths, "recompiles": max(0, len(new_graph_at) - 1),
-            "new_graph_at_lengths": new_graph_at,
-            "dynamo_graphs": graphs, "graph_breaks": breaks, "flagtree_graphs": len(records),
+    return {"recompiles": max(0, len(new_graph_at) - 1), "new_graph_at_lengths": new_graph_at,
+            "dynamo_graphs": _dynamo_graphs() - before, "graph_breaks": breaks, "flagtree_graphs": len(records),
             "dynamic_symbols": sorted({s for r in records for s in r.get("dynamic_symbols", [])}),
-            "per_length": per_length}
+            "shape_guards_added": [g for r in records for g in r.get("shape_guards_added", [])],
+            "graph_fallbacks": [r.get("error") for r in records if r.get("fallback") == "graph"],
+            "per_length": per_length,
+            "decode": {"steps_timed": steps - 2, "ms_per_step": round(decode_ms, 3),
+                       "new_graphs": _dynamo_graphs() - graphs_before_decode,
+                       "cuda_graphs": [r.get("cuda_graphs") for r in records],
+                       "cuda_graph_counts": [dict(r.get("cuda_graph_counts", {})) for r in records]}}
+
+
+def _kernel_compiles() -> dict:
+    """Triton compiles so far per flagtree kernel name (GPU only: interpreted kernels compile nothing)."""
+    from flagtree_py.runtime import launch
+
+    found: dict = {}
+    for reference in list(launch._OWNERS.values()):
+        kernel = reference()
+        if kernel is not None:
+            found[kernel.name] = found.get(kernel.name, 0) + kernel.compiles
+    return found
 
 
 def _short_reason(reason: str) -> str:
@@ -504,7 +584,7 @@ def parent(args) -> dict:
     # flagtree (the subject) right after eager (the reference); Inductor last, where the budget may skip it
     for mode in sorted(args.mode_list, key=("eager", "flagtree", "reduce-overhead", "max-autotune").index):
         names.append(mode)
-        if mode == "flagtree":
+        if mode == "flagtree" and not args.recompiles_only:
             names.append("flagtree-warm")  # a second process: the same graphs, found in the cache
     for name in names:
         remaining = args.budget_s - (time.perf_counter() - started)
@@ -526,6 +606,14 @@ def _brief(result: dict) -> str:
         return result.get("error") or result["skipped"]
     parts = [f"b{b}: {e['ms_per_step']} ms/step, first call {e['first_call_s']} s" if "ms_per_step" in e
              else f"b{b}: {e.get('error', '?')[:200]}" for b, e in result["batches"].items()]
+    lengths = result.get("recompiles", {})
+    if "recompiles" in lengths:
+        plain = lengths.get("plain_call", {})
+        parts.append(f"recompiles over lengths: {lengths['recompiles']} (plain call: {plain.get('recompiles', '?')}); "
+                     f"decode at length 1: {lengths['decode']['ms_per_step']} ms/step through the dynamic graph, "
+                     f"{plain.get('decode', {}).get('ms_per_step', '?')} through the plain call's")
+    elif "error" in lengths:
+        parts.append(f"recompiles: {lengths['error'][:200]}")
     agreement = result.get("agreement", {})
     if "top1_agreement" in agreement:
         parts.append(f"top-1 vs eager {agreement['top1_agreement']:.2%} over {agreement['positions']} positions")

@@ -17,6 +17,7 @@ from flagtree_py.decompositions import flagtree_decompositions
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes.fuse_attention import route_sdpa_calls
 from flagtree_py.pipeline import safe_compile_graph
+from flagtree_py.report import amend_record
 
 _GRAPH_IDS = itertools.count()
 
@@ -35,8 +36,11 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         # included, in the same order when AOTAutograd added or removed none): the layout passes
         # need the real parameters
         phases.update(aot_capture=time.perf_counter() - entered)  # AOTAutograd's trace and decompositions
-        return safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name, real_inputs=example_inputs,
-                                  phases=phases)
+        guards = _ShapeGuardWatch(aten_inputs)
+        compiled_graph = safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name,
+                                            real_inputs=example_inputs, phases=phases)
+        amend_record(graph_name, shape_guards_added=guards.added())
+        return compiled_graph
 
     def backward_compiler(aten_gm, aten_inputs):
         # flagtree compiles inference; a backward (training) graph runs as plain aten
@@ -54,3 +58,22 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
         phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
     return compiled
+
+
+class _ShapeGuardWatch:
+    """Guards on dynamic sizes that flagtree's compile added to Dynamo's shape env (a `==` on a SymInt
+    asks the env, which answers from this call's sizes and guards on the answer). Each one makes Dynamo
+    compile again at a length that fails it; the record lists them (expression and where it was added),
+    so that a pass which specializes a dynamic size shows up. A cache hit runs no pass and adds none."""
+
+    def __init__(self, fake_inputs) -> None:
+        from torch._guards import detect_fake_mode
+
+        mode = detect_fake_mode(fake_inputs)
+        self.env = getattr(mode, "shape_env", None)
+        self.before = len(self.env.guards) if self.env is not None else 0
+
+    def added(self) -> list[str]:
+        if self.env is None:
+            return []
+        return [f"{guard.expr} {getattr(guard, 'sloc', '')}".strip() for guard in self.env.guards[self.before:]]

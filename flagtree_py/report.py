@@ -15,6 +15,15 @@ def add_record(record: dict) -> dict:
     return record
 
 
+def amend_record(graph: str, **fields) -> None:
+    """Add fields to the latest record of `graph` (none: nothing to amend, e.g. a compile that raised)."""
+    with _LOCK:
+        for record in reversed(_RECORDS):
+            if record.get("graph") == graph:
+                record.update(fields)
+                return
+
+
 def report() -> list[dict]:
     """A copy of the records: target, triton_kernels, lowered_nodes, extern_ops, passes, compile_s..."""
     with _LOCK:

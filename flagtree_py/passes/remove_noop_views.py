@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flagtree_py.passes import PassContext
 
@@ -31,7 +32,14 @@ def _round_trip_source(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and tuple(a.stride()) == tuple(b.stride())
+    return a.dtype == b.dtype and _provably_equal(a.shape, b.shape) and _provably_equal(a.stride(), b.stride())
+
+
+def _provably_equal(xs, ys) -> bool:
+    """Equal for every value of the dynamic sizes. A plain `==` on SymInts would ask the shape env,
+    which answers from this call's sizes and adds a guard: Dynamo would then recompile at the next
+    length (a view [s, D] -> [1, D] is a no-op only while s is 1)."""
+    return len(xs) == len(ys) and all(statically_known_true(x == y) for x, y in zip(xs, ys))
 
 
 def remove_noop_views(graph: torch.fx.Graph, ctx: PassContext) -> bool:
@@ -52,7 +60,7 @@ def remove_noop_views(graph: torch.fx.Graph, ctx: PassContext) -> bool:
             removed += 1
             continue
         if node.target in _SAME_SHAPE:
-            noop = tuple(source.shape) == tuple(val.shape) and source.stride() == val.stride()
+            noop = _provably_equal(source.shape, val.shape) and _provably_equal(source.stride(), val.stride())
         elif node.target == aten.permute.default:
             noop = list(node.args[1]) == list(range(len(node.args[1])))
         if noop:

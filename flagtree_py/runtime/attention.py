@@ -53,6 +53,9 @@ def flash_decoding(kernel, combine, q, k, v, mask, out, *, scale: float, block_m
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if batch * heads * q_len == 0:
         return
+    # a graph of symbolic length carries the tile of the most decode rows: this call's rows may need fewer
+    # (a length-1 step then runs the tile a length-1 graph would have); rows <= BLOCK_M holds either way
+    block_m = min(block_m, max(16, _pow2(heads // kv_heads * q_len)))
     splits = max(1, min(cdiv(max(kv_len, 1), block_n), cdiv(programs, batch * kv_heads)))
     chunk = cdiv(cdiv(max(kv_len, 1), splits), block_n) * block_n
     splits = cdiv(max(kv_len, 1), chunk)

@@ -52,5 +52,11 @@ def test_decode_smoke(tmp_path):
     assert margin["positions"] == margin["positions_kept"] == 2 * 4
     assert margin["top1_vs_reference"] == {"eager": 1.0, "compiled": 1.0} and margin["top1_agreement_kept"] == 1.0
     recompiles = cold["recompiles"]
-    assert recompiles["layers"] == 1 and recompiles["lengths"] == [1, 2, 5] and recompiles["new_graph_at_lengths"][0] == 1
-    assert recompiles["recompiles"] == len(recompiles["new_graph_at_lengths"]) - 1
+    assert recompiles["layers"] == 1 and recompiles["lengths"] == [1, 2, 5]
+    # the one-graph caller (flagtree_py/models/dynamic_length.py): length 1's graph serves 2, 5 and decode
+    assert recompiles["recompiles"] == 0 and recompiles["new_graph_at_lengths"] == [1]
+    assert recompiles["dynamo_graphs"] == recompiles["flagtree_graphs"] == 1 and recompiles["graph_breaks"] == {}
+    assert recompiles["dynamic_symbols"] and recompiles["shape_guards_added"] == []
+    assert [e["new_graphs"] for e in recompiles["per_length"]] == [1, 0, 0] and recompiles["decode"]["new_graphs"] == 0
+    plain = recompiles["plain_call"]  # transformers' own masks and attention: length 1 traced apart
+    assert plain["new_graph_at_lengths"][:2] == [1, 2] and plain["recompiles"] == len(plain["new_graph_at_lengths"]) - 1
