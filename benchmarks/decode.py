@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "gathers every token's expert weights, tens of GB at prefill lengths of thousands)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip modes that would start later (default 540)")
     parser.add_argument("--mode-timeout-s", type=float, default=420.0, help="one mode's subprocess limit")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the model's dtype on the GPU (float32: agreement free of bf16 rounding; the float32 "
+                             "reference is then the model itself)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, float32, on the CPU (Triton's interpreter)")
     parser.add_argument("--out", required=True, help="JSON path; the chart goes beside it (.png)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one mode, write JSON
@@ -102,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def device_and_dtype(args) -> tuple[str, torch.dtype]:
-    return ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    return ("cpu", torch.float32) if args.smoke else ("cuda", getattr(torch, args.dtype))
 
 
 def build(args, layers: int | None = None):
