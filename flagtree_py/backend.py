@@ -29,6 +29,7 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     graph_name = f"graph_{next(_GRAPH_IDS)}"
     entered = time.perf_counter()
     route_sdpa_calls(gm)  # before AOTAutograd: one attention op whatever SDPA backend the device has
+    specialize_float_inputs(gm)  # before AOTAutograd: no second Dynamo trace (see the function)
 
     def forward_compiler(aten_gm, aten_inputs):
         # aten_inputs are fake tensors; Dynamo's example_inputs are the real ones (parameters
@@ -54,3 +55,47 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
         phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
     return compiled
+
+
+def specialize_float_inputs(gm: torch.fx.GraphModule) -> int:
+    """Python floats Dynamo made graph inputs (dynamic=True) become constants, guarded; returns how many.
+
+    With `specialize_float=False` (Dynamo's default) a float attribute such as an RMSNorm eps, a rotary
+    scaling or an SDPA `scale` reaches the graph as a 0-d tensor input and `.item()`. AOTAutograd's
+    `tensorify_python_scalars` then turns the floats it can into tensor math; one it cannot (SDPA's
+    `scale=`, embedding's `norm_type`) is specialized and Dynamo *restarts*: the whole frame is traced
+    and captured again (issue 9: `attempts: 2`, a second Dynamo trace and AOTAutograd capture of the
+    model). This does up front what Dynamo's restart does for those floats
+    (`OutputGraph.remove_tensorify_specialized_graphargs`), for every float input: each `.item()` is
+    replaced by its value through `guard_scalar`, which records a guard (`eps == 1e-06`) in the shape
+    environment that Dynamo's guards include, so a changed float recompiles instead of being ignored.
+    The float names are marked specialized so that tensorify does not restart for them. The input
+    itself stays (Dynamo still passes it), unused. Floats become literals in the kernels, as in a
+    static (dynamic=None) compile.
+    """
+    try:  # Dynamo internals (torch >= 2.6); without them the restart costs time, not correctness
+        from torch._dynamo.symbolic_convert import TensorifyState
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+    except ImportError:
+        return 0
+    specialized = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("example_value")
+        memo = getattr(value, "item_memo", None) if isinstance(value, FakeTensor) else None
+        symbol = getattr(getattr(memo, "node", None), "_expr", None)
+        if not isinstance(memo, torch.SymFloat) or not hasattr(symbol, "name") or not node.users:
+            continue
+        if not all(user.op == "call_method" and user.target == "item" for user in node.users):
+            continue
+        constant = guard_scalar(memo)
+        for user in list(node.users):
+            user.replace_all_uses_with(constant)
+            gm.graph.erase_node(user)
+        TensorifyState.specialize(symbol.name)
+        specialized += 1
+    if specialized:
+        gm.recompile()
+    return specialized
