@@ -14,6 +14,7 @@ import torch
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 from flagtree_py.decompositions import flagtree_decompositions
+from flagtree_py.dynamo_link import compile_from_link, link_key, note_capture, symbolic_state, write_link
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes.fuse_attention import route_sdpa_calls
 from flagtree_py.pipeline import safe_compile_graph
@@ -31,11 +32,26 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     route_sdpa_calls(gm)  # before AOTAutograd: one attention op whatever SDPA backend the device has
     specialize_float_inputs(gm)  # before AOTAutograd: no second Dynamo trace (see the function)
 
+    key = link_key(gm, example_inputs, compile_options)  # the Dynamo graph's: a hit needs no AOTAutograd
+    phases: dict = {"dynamo_key": 0.0}  # the compile record's phases_s (pipeline.py), the same dict
+    if key is not None:
+        phases["dynamo_key"] = round(time.perf_counter() - entered, 4)
+        linked = compile_from_link(key, example_inputs, compile_options, graph_name, phases)
+        if linked is not None:
+            return linked
+        phases.clear()
+        phases["dynamo_key"] = round(time.perf_counter() - entered, 4)  # the key and the link looked up
+    capture: dict = {}  # what the link written after the compile needs (dynamo_link.py)
+    symbols_before = symbolic_state(gm) if key is not None else None
+
     def forward_compiler(aten_gm, aten_inputs):
         # aten_inputs are fake tensors; Dynamo's example_inputs are the real ones (parameters
         # included, in the same order when AOTAutograd added or removed none): the layout passes
         # need the real parameters
-        phases.update(aot_capture=time.perf_counter() - entered)  # AOTAutograd's trace and decompositions
+        # AOTAutograd's trace and decompositions
+        phases.update(aot_capture=time.perf_counter() - entered - phases["dynamo_key"])
+        if key is not None:
+            capture.update(note_capture(aten_gm, example_inputs))
         return safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name, real_inputs=example_inputs,
                                   phases=phases)
 
@@ -43,7 +59,6 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         # flagtree compiles inference; a backward (training) graph runs as plain aten
         return make_boxed_func(aten_gm.forward)
 
-    phases: dict = {}  # the compile record's phases_s (pipeline.py), the same dict
     compiled = aot_module_simplified(
         gm,
         example_inputs,
@@ -54,6 +69,8 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     )
     if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
         phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
+    if key is not None and capture:
+        write_link(key, compile_options, graph_name, capture, symbols_before, symbolic_state(gm))
     return compiled
 
 

@@ -24,3 +24,14 @@ def report() -> list[dict]:
 def clear_report() -> None:
     with _LOCK:
         _RECORDS.clear()
+
+
+def update_record(graph: str, fields: dict) -> dict | None:
+    """Add fields to the latest record of `graph` (backend.py: what happened after the compile returned);
+    returns a copy of the record, None if there is none."""
+    with _LOCK:
+        for record in reversed(_RECORDS):
+            if record.get("graph") == graph:
+                record.update(fields)
+                return copy.deepcopy({k: v for k, v in record.items() if k != "kernels"})
+    return None
