@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from flagtree_py.cache import default_cache_dir
+from flagtree_py.cache import KernelCache, default_cache_dir
 from flagtree_py.cache.key import dynamo_graph_key
 from flagtree_py.cache.links import GraphLinks
 from flagtree_py.options import CompileOptions
@@ -58,8 +58,11 @@ def inputs_alias(example_inputs: list, mutated: list[int]) -> bool:
 
 def compile_from_link(key: str, example_inputs: list, options: CompileOptions, graph_name: str, phases: dict):
     """The compiled graph from a link, or None (no link, stale entry, aliasing inputs): compile in full."""
-    link = GraphLinks(options.cache_dir or default_cache_dir()).get(key)
-    if link is None or inputs_alias(example_inputs, link["mutated"]):
+    cache = KernelCache(options.cache_dir or default_cache_dir())
+    if not cache.usable():  # a directory the cache refuses (another owner, writable by all): no link read
+        return None
+    link = GraphLinks(cache.directory).get(key)
+    if link is None or inputs_alias(example_inputs, link["written"]):
         return None
     call = load_linked_entry(link["aten_key"], link, example_inputs, options, graph_name, phases)
     if call is None:
@@ -151,10 +154,16 @@ def write_link(key: str, options: CompileOptions, graph_name: str, capture: dict
     if reason is not None or record is None or not record.get("cache_key") or record.get("fallback"):
         return
     started = time.perf_counter()
-    written = GraphLinks(options.cache_dir or default_cache_dir()).put(key, {
+    cache = KernelCache(options.cache_dir or default_cache_dir())
+    if not cache.usable() or cache.peek(record["cache_key"]) is None:  # refused, or the entry was not stored
+        update_record(graph_name, {"link": "not written: no intact entry to link to"})
+        return
+    written = GraphLinks(cache.directory).put(key, {
         "aten_key": record["cache_key"], "graph": graph_name, "inputs": capture["inputs"],
         "mutated": sorted(capture["graph_inputs"]["mutated"]), "symbolic": capture["graph_inputs"]["symbolic"],
         "mutated_seen_by_autograd": capture["mutated_seen_by_autograd"],
+        # every input AOTAutograd saw written (the graph's own list may miss a write flagtree's passes see later)
+        "written": sorted(set(capture["written"]) | set(capture["graph_inputs"]["mutated"])),
     })
     phases = {**record.get("phases_s", {}), "link_write": round(time.perf_counter() - started, 4)}
     update_record(graph_name, {"link": "written" if written else "not written (disk)", "dynamo_key": key,
@@ -166,6 +175,10 @@ def note_capture(aten_gm: torch.fx.GraphModule, example_inputs: list) -> dict:
     from torch._guards import TracingContext
 
     meta = getattr(TracingContext.try_get(), "fw_metadata", None)
+    # ViewAndMutationMeta.mutated_graph_handled_indices_seen_by_autograd, computed as torch does (the
+    # attribute is newer than some torch versions flagtree runs on)
+    seen = [i for i, info in enumerate(getattr(meta, "input_info", []))
+            if info.mutation_type.name == "MUTATED_IN_GRAPH" and not info.mutations_hidden_from_autograd]
+    written = [i for i, info in enumerate(getattr(meta, "input_info", [])) if info.mutates_data]
     return {"why_not": why_not_linkable(aten_gm, example_inputs), "inputs": len(example_inputs),
-            "graph_inputs": graph_inputs_of(aten_gm),
-            "mutated_seen_by_autograd": list(getattr(meta, "mutated_graph_handled_indices_seen_by_autograd", []))}
+            "graph_inputs": graph_inputs_of(aten_gm), "mutated_seen_by_autograd": seen, "written": written}

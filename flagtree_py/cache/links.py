@@ -26,7 +26,7 @@ from pathlib import Path
 LINKS_DIR = "links"
 _KEY = re.compile(r"[0-9a-f]{32}")
 #: the link format; a link of another version is ignored
-LINK_VERSION = 1
+LINK_VERSION = 2
 
 
 class GraphLinks:
@@ -63,3 +63,30 @@ class GraphLinks:
             return True
         except OSError:
             return False
+
+    def drop(self, aten_key: str) -> int:
+        """Remove the links that lead to `aten_key` (its entry is being removed), and the folders that
+        leaves empty; returns how many. A scan: links are few (one per compiled graph) and small."""
+        dropped = 0
+        if not self.directory.is_dir():
+            return 0
+        for folder in list(self.directory.iterdir()):
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for path in list(folder.glob("*.json")):
+                try:
+                    if json.loads(path.read_text()).get("aten_key") == aten_key:
+                        path.unlink()
+                        dropped += 1
+                except (OSError, ValueError, AttributeError):
+                    continue
+            _remove_if_empty(folder)
+        _remove_if_empty(self.directory)
+        return dropped
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (or already gone)
+        pass
