@@ -88,7 +88,9 @@ def specialize_float_inputs(gm: torch.fx.GraphModule) -> int:
     environment that Dynamo's guards include, so a changed float recompiles instead of being ignored.
     The float names are marked specialized so that tensorify does not restart for them. The input
     itself stays (Dynamo still passes it), unused. Floats become literals in the kernels, as in a
-    static (dynamic=None) compile.
+    static (dynamic=None) compile. Only floats read from an attribute (a module's, a config's) or a
+    global are specialized: those are constants of the model. A float passed as an argument of the
+    compiled function (a temperature) may change every call: it keeps Dynamo's handling.
     """
     try:  # Dynamo internals (torch >= 2.6); without them the restart costs time, not correctness
         from torch._dynamo.symbolic_convert import TensorifyState
@@ -107,6 +109,8 @@ def specialize_float_inputs(gm: torch.fx.GraphModule) -> int:
             continue
         if not all(user.op == "call_method" and user.target == "item" for user in node.users):
             continue
+        if not _is_constant_float(node):
+            continue
         constant = guard_scalar(memo)
         for user in list(node.users):
             user.replace_all_uses_with(constant)
@@ -116,3 +120,16 @@ def specialize_float_inputs(gm: torch.fx.GraphModule) -> int:
     if specialized:
         gm.recompile()
     return specialized
+
+
+def _is_constant_float(node: torch.fx.Node) -> bool:
+    """Whether Dynamo read this float input from an attribute or a global (a model constant such as
+    `self.variance_epsilon`), not from an argument of the compiled function."""
+    try:
+        from torch._dynamo.source import AttrSource, FloatTensorSource, GlobalSource
+    except ImportError:
+        return False
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if isinstance(source, FloatTensorSource):  # the 0-d tensor Dynamo made of the float: its base is the float
+        source = source.base
+    return isinstance(source, (AttrSource, GlobalSource))

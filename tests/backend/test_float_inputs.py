@@ -86,3 +86,22 @@ def test_tiny_qwen3_dynamic_matches_eager_in_one_attempt():
     assert len(calls) == 1
     (record,) = flagtree_py.report()
     assert record["kernel_failures"] == [] and record["passes"].get("fuse_rms_norm", 0) + record["passes"].get("fuse_add_rms_norm", 0) > 0
+
+
+def test_a_float_argument_keeps_dynamos_handling():
+    """A float passed to the compiled function (a temperature) is not specialized: a new value is no
+    recompile (Dynamo tensorifies it), and the result follows it."""
+    calls = []
+
+    def counting_backend(gm, example_inputs):
+        calls.append(1)
+        return flagtree_backend(gm, example_inputs, options=_OPTIONS)
+
+    def scaled_softmax(x: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.softmax(x / temperature, dim=-1)
+
+    compiled = torch.compile(scaled_softmax, backend=counting_backend, dynamic=True)
+    x = torch.randn(4, 8)
+    for temperature in (0.5, 0.7, 1.3):
+        assert _rel_err(compiled(x, temperature), scaled_softmax(x, temperature)) <= 1e-5
+    assert len(calls) == 1
