@@ -21,6 +21,7 @@ neither, installs no guard beyond Dynamo's own.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -39,7 +40,11 @@ def link_key(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOpt
         return None
     device_type = next((v.device.type for v in example_inputs if isinstance(v, torch.Tensor)), "cpu")
     target, _ = select_target(options.target, device_type)
-    return dynamo_graph_key(gm, example_inputs, target.hash(), options.hash())
+    try:  # torch internals read here (the shape environment, functorch's config) differ across versions
+        return dynamo_graph_key(gm, example_inputs, target.hash(), options.hash())
+    except (AttributeError, TypeError, ValueError) as error:
+        _warn_once(f"no Dynamo-graph key ({type(error).__name__}: {error}); warm starts run AOTAutograd")
+        return None
 
 
 def inputs_alias(example_inputs: list, mutated: list[int]) -> bool:
@@ -64,7 +69,11 @@ def compile_from_link(key: str, example_inputs: list, options: CompileOptions, g
     link = GraphLinks(cache.directory).get(key)
     if link is None or inputs_alias(example_inputs, link["written"]):
         return None
-    call = load_linked_entry(link["aten_key"], link, example_inputs, options, graph_name, phases)
+    try:
+        call = load_linked_entry(link["aten_key"], link, example_inputs, options, graph_name, phases)
+    except Exception as error:  # noqa: BLE001 - a link is a shortcut: whatever goes wrong, the full path remains
+        _warn_once(f"the Dynamo-graph link failed ({type(error).__name__}: {error}); compiling in full")
+        return None
     if call is None:
         return None
     update_record(graph_name, {"dynamo_key": key})
@@ -99,11 +108,21 @@ def symbolic_state(gm: torch.fx.GraphModule) -> tuple | None:
     from flagtree_py.cache.key import _shape_env
 
     env = _shape_env(gm)
-    if env is None:
-        return None
+    if env is None or not all(hasattr(env, name) for name in _SHAPE_ENV_FIELDS):
+        return None  # no link: a hit could not know which guards the compile added
     return (len(env.guards), len(env.var_to_range), repr(sorted((str(s), str(r)) for s, r in env.var_to_range.items())),
             repr(sorted((str(s), str(r)) for s, r in env.replacements.items())),
             sum(len(asserts) for asserts in env.deferred_runtime_asserts.values()), len(env.divisible))
+
+
+_SHAPE_ENV_FIELDS = ("guards", "var_to_range", "replacements", "deferred_runtime_asserts", "divisible")
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"flagtree: {message}", stacklevel=3)
 
 
 def why_not_linkable(aten_gm: torch.fx.GraphModule, example_inputs: list) -> str | None:
@@ -172,6 +191,14 @@ def write_link(key: str, options: CompileOptions, graph_name: str, capture: dict
 
 def note_capture(aten_gm: torch.fx.GraphModule, example_inputs: list) -> dict:
     """What a link needs of the capture, read in the forward compiler before flagtree's passes change it."""
+
+    try:
+        return _read_capture(aten_gm, example_inputs)
+    except (AttributeError, TypeError, KeyError) as error:  # AOTAutograd's metadata of another torch version
+        return {"why_not": f"AOTAutograd metadata unreadable ({type(error).__name__}: {error})"}
+
+
+def _read_capture(aten_gm: torch.fx.GraphModule, example_inputs: list) -> dict:
     from torch._guards import TracingContext
 
     meta = getattr(TracingContext.try_get(), "fw_metadata", None)
