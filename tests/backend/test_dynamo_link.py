@@ -131,3 +131,19 @@ def test_a_stale_link_compiles_in_full(tmp_path):
     torch.testing.assert_close(out, f(x), rtol=1e-5, atol=1e-5)
     record = _record()
     assert record["cache"] == "miss" and "cache_path" not in record and record["link"] == "written"
+
+
+def test_one_tensor_passed_twice_matches_eager(tmp_path):
+    """Cold with two tensors, warm with one tensor passed for both: Dynamo traces a graph of one input
+    (another key, no link) or the link's alias check refuses; either way the write is seen by the read."""
+    a, b = torch.randn(4), torch.randn(4)
+    torch.compile(_mutate_then_read, backend="flagtree", options=_options(tmp_path))(a, b)
+    assert _record()["link"] == "written"
+    _fresh_process_state()
+    x = torch.randn(4)
+    reference = x.clone()
+    out = torch.compile(_mutate_then_read, backend="flagtree", options=_options(tmp_path))(x, x)
+    want = _mutate_then_read(reference, reference)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(x, reference)
+    assert all(r.get("cache_path") is None for r in flagtree_py.report())
