@@ -5,7 +5,9 @@
 
 Runs on any machine, no GPU needed: the model is built on the meta device and traced on fake CUDA tensors
 (`flagtree compile`'s path, flagtree_py/ahead_of_time.py), so no weight is ever materialized. Each layer
-count compiles in a fresh process with an empty flagtree cache and an empty Triton cache (a cold compile).
+count compiles in a fresh process with an empty flagtree cache and an empty Triton cache (a cold compile), then
+(unless --no-warm) in a second process that finds the caches the first left (a warm start: `cache_path`
+"dynamo_graph" when the entry was found from the Dynamo graph, without AOTAutograd; flagtree_py/dynamo_link.py).
 Phases, in order:
 
     build_and_dry_run   the model built on the meta device and made fake, plus one dry run of the generated
@@ -86,8 +88,10 @@ try:  # Dynamo's own timers: its trace and guards, apart from the backend it cal
     inner, backend = float(dynamo["_compile.compile_inner"]), float(dynamo["OutputGraph.call_user_compiler"])
     phases = {"build_and_dry_run": first_call - inner, "dynamo": inner - backend,
               "backend_unaccounted": backend - in_flagtree}
+    attempts = sum(1 for k in dynamo if k.startswith("compile_attempt_")) or 1
 except (ImportError, KeyError, TypeError, ValueError):
     phases = {"dynamo_and_dry_run": first_call - in_flagtree}
+    attempts = None
 for record in records:
     for name, seconds in record.get("phases_s", {}).items():
         phases[name] = phases.get(name, 0.0) + seconds
@@ -98,7 +102,9 @@ for record in records:
     for name, seconds in record.get("codegen_s", {}).items():
         codegen[name] = codegen.get(name, 0.0) + seconds
 print(json.dumps({
-    "layers": layers, "total_s": round(end - clock["start"], 3),
+    "layers": layers, "total_s": round(end - clock["start"], 3), "first_call_s": round(first_call, 3),
+    "dynamo_attempts": attempts, "cache": [r["cache"] for r in records],
+    "cache_path": [r.get("cache_path", "aten_graph") for r in records], "link": [r.get("link") for r in records],
     "phases_s": {k: round(v, 3) for k, v in phases.items()},
     "codegen_s": {k: round(v, 3) for k, v in codegen.items()},
     "graphs": len(records),
@@ -127,9 +133,13 @@ ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
 torch.cuda.synchronize()
 start = time.perf_counter()
 with torch.no_grad():
-    torch.compile(model, backend="flagtree", dynamic=True if dynamic else None)(ids)
+    logits = torch.compile(model, backend="flagtree", dynamic=True if dynamic else None)(ids)
 torch.cuda.synchronize()
 first_call = time.perf_counter() - start
+with torch.no_grad():  # the compiled result against eager (warm: the hit found from the Dynamo graph)
+    reference = model(ids)
+error = ((logits.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
 records = [r for r in flagtree_py.report() if r.get("cache_key")]
 phases = {}
 for record in records:
@@ -146,12 +156,13 @@ except (ImportError, KeyError, TypeError, ValueError):
     pass
 print(json.dumps({
     "layers": layers, "first_call_s": round(first_call, 3), "dynamo_s": dynamo, "cache": [r["cache"] for r in records],
+    "cache_path": [r.get("cache_path", "aten_graph") for r in records], "link": [r.get("link") for r in records],
     "phases_s": phases, "codegen_s": [r.get("codegen_s") for r in records],
     "kernels_distinct": sum(r.get("kernels_distinct", r.get("triton_kernels", 0)) for r in records),
     "kernels_without_sharing": sum(r.get("kernels_without_sharing", 0) for r in records),
     "triton_compiles": sum(r.get("triton_compiles", 0) for r in records),
     "binary_launches": counters["binary_launches"], "kernel_failures": sum(len(r["kernel_failures"]) for r in records),
-    "gpu": torch.cuda.get_device_name(),
+    "gpu": torch.cuda.get_device_name(), "max_rel_err_vs_eager": round(error, 6), "top1_agreement": agree,
 }))
 """
 
@@ -166,7 +177,10 @@ def measure(layers: int, args: argparse.Namespace) -> dict:
         arguments = [str(layers), args.target, args.dtype, str(args.length), "1" if args.dynamic else "0",
                      str(Path(scratch) / "flagtree"), "1" if args.share else "0"]
         if args.device == "cpu":
-            return _child(_CHILD, arguments, env, args.timeout, layers)
+            cold = _child(_CHILD, arguments, env, args.timeout, layers)
+            if not args.warm:
+                return cold
+            return {"layers": layers, "cold": cold, "warm": _child(_CHILD, arguments, env, args.timeout, layers)}
         cold = _child(_GPU_CHILD, arguments, env, args.timeout, layers)
         warm = _child(_GPU_CHILD, arguments, env, args.timeout, layers)
         return {"layers": layers, "cold": cold, "warm": warm}
@@ -193,6 +207,9 @@ def main() -> None:
     parser.add_argument("--share", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-share: one kernel per fusion group (the compile before codegen/share_kernels.py; "
                              "CPU only), for a before/after on one machine under the same load")
+    parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                        help="--device cpu: after the cold process, a warm one with the caches it left (a GPU run "
+                             "always measures both)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per layer count")
     parser.add_argument("--label", default="", help="a note kept in the JSON (e.g. the commit measured)")
     parser.add_argument("--out", required=True)

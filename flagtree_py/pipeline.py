@@ -197,6 +197,50 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
 
 
+def load_linked_entry(aten_key: str, link: dict, example_inputs: list, options: CompileOptions, graph_name: str,
+                      phases: dict | None = None):
+    """A cache hit found from the Dynamo graph (backend.py's link): the entry `aten_key` bound to Dynamo's
+    own inputs, with no AOTAutograd graph. The link vouches that the aten graph's inputs are Dynamo's, in
+    order, and that the entry needs no constant of the graph; this checks the entry like any hit and
+    returns None (the caller compiles in full) when it is missing, damaged or needs constants after all."""
+    start = time.perf_counter()
+    phase = _PhaseClock(phases)
+    device_type = _device_type(example_inputs)
+    target, reason = select_target(options.target, device_type)
+    cache = KernelCache(options.cache_dir or default_cache_dir())
+    entry, _problem = cache.load(aten_key)
+    phase.done("cache_lookup")
+    if entry is None or entry.meta.get("constants") or len(example_inputs) != link["inputs"]:
+        return None
+    record = {"graph": graph_name, "target": target.name, "target_vendor": target.vendor, "target_reason": reason,
+              "executor": "triton" if device_type == "cuda" else "interpreter", "passes": {}, "kernel_failures": [],
+              "triton_compiles": 0, "phases_s": phase.seconds, "cache_key": aten_key, "cache_path": "dynamo_graph"}
+    on_check = KernelErrors(record) if options.check_kernels else None
+
+    def on_failure(kernel: str, error: str) -> None:
+        record["kernel_failures"].append({"kernel": kernel, "error": error})
+
+    def on_compile(kernel: str) -> None:
+        record["triton_compiles"] += 1
+
+    parameters = [value if isinstance(value, torch.nn.Parameter) else None for value in example_inputs]
+    for positions in entry.meta.get("colocated_inputs", []):
+        parts = [parameters[i] for i in positions]
+        if all(p is not None for p in parts):
+            colocate(parts)
+    call = _load_cached(entry, None, record, options, device_type, graph_name, start, on_failure, on_compile, cache,
+                        on_check)
+    phase.done("cache_hit_import")
+    graph_inputs = {"mutated": frozenset(link["mutated"]),
+                    "symbolic": [(index, dim) for index, dim in link["symbolic"]]}
+    return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
+
+
+def graph_inputs_of(gm: torch.fx.GraphModule) -> dict:
+    """What CUDA graph replay must know of an aten graph's inputs (for a link: `load_linked_entry`)."""
+    return _graph_inputs(gm.graph)
+
+
 class _PhaseClock:
     """Wall seconds of consecutive compile phases: `done(name)` closes the phase that just ran."""
 
@@ -273,6 +317,7 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     """A cache hit: import the stored module; no code generation, no pass runs. On a GPU, kernels
     whose binary for this device's architecture is in the entry launch it: no Triton compile."""
     meta = entry.meta
+    # gm is None for a hit found from the Dynamo graph (load_linked_entry), whose entry has no constants
     constants = {name: getattr(gm, attribute) for name, attribute in meta["constants"].items()}
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(entry.module_source, directory, graph_name)

@@ -15,15 +15,6 @@ def add_record(record: dict) -> dict:
     return record
 
 
-def amend_record(graph: str, **fields) -> None:
-    """Add fields to the latest record of `graph` (none: nothing to amend, e.g. a compile that raised)."""
-    with _LOCK:
-        for record in reversed(_RECORDS):
-            if record.get("graph") == graph:
-                record.update(fields)
-                return
-
-
 def report() -> list[dict]:
     """A copy of the records: target, triton_kernels, lowered_nodes, extern_ops, passes, compile_s..."""
     with _LOCK:
@@ -33,3 +24,14 @@ def report() -> list[dict]:
 def clear_report() -> None:
     with _LOCK:
         _RECORDS.clear()
+
+
+def update_record(graph: str, fields: dict) -> dict | None:
+    """Add fields to the latest record of `graph` (backend.py: what happened after the compile returned);
+    returns a copy of the record, None if there is none (e.g. a compile that raised)."""
+    with _LOCK:
+        for record in reversed(_RECORDS):
+            if record.get("graph") == graph:
+                record.update(fields)
+                return copy.deepcopy({k: v for k, v in record.items() if k != "kernels"})
+    return None

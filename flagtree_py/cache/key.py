@@ -67,3 +67,119 @@ def cache_key(gm, target_hash: str, options_hash: str) -> str:
         canonical_graph(gm),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+#: argument leaves a Dynamo graph may carry whose repr is their whole content (anything else: no key)
+_PLAIN_LEAVES = (int, float, bool, str, type(None), type(Ellipsis))
+
+
+def _dynamo_argument(value) -> str | None:
+    """A Dynamo graph node's argument as text, or None when its repr might not say all it is."""
+    import torch
+    import torch.fx
+
+    if isinstance(value, torch.fx.Node):
+        return f"%{value.name}"
+    if isinstance(value, (*_PLAIN_LEAVES, torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return repr(value)
+    if isinstance(value, slice):
+        parts = [_dynamo_argument(v) for v in (value.start, value.stop, value.step)]
+        return None if None in parts else f"slice({','.join(parts)})"
+    if isinstance(value, (list, tuple)):
+        parts = [_dynamo_argument(v) for v in value]
+        return None if None in parts else f"{type(value).__name__}({','.join(parts)})"
+    if isinstance(value, dict):
+        parts = [(repr(k), _dynamo_argument(v)) for k, v in value.items()]
+        if not all(isinstance(k, str) for k in value) or any(v is None for _, v in parts):
+            return None
+        return "{" + ",".join(f"{k}:{v}" for k, v in parts) + "}"
+    return None
+
+
+def _dynamo_value(value) -> str:
+    """An example value with what AOTAutograd reads of it: dtype, sizes and strides (symbolic as sympy),
+    device, whether it requires grad, and whether it is a Parameter (the layout passes merge those)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        kind = "P" if isinstance(value, torch.nn.Parameter) else "T"
+        return (f"{kind}[{value.dtype},{tuple(map(str, value.shape))},{tuple(map(str, value.stride()))},"
+                f"{value.device},{value.requires_grad},{value.is_leaf}]")
+    return _describe(value)
+
+
+def dynamo_graph_key(gm, example_inputs: list, target_hash: str, options_hash: str) -> str | None:
+    """The key of a *Dynamo* graph (before AOTAutograd) compiled for a target with options, or None when
+    the graph holds something its text would not capture (a submodule, an attribute, an opaque argument).
+
+    What AOTAutograd makes of the graph is a function of what is in here: the graph's nodes with their
+    example values, the inputs (metadata, Parameter or not, requires_grad), the symbolic context Dynamo
+    left in the shape environment (each symbol's range, its replacements, the guards so far), the grad
+    and autocast modes, the functorch config, the default dtype, and the versions (torch's decompositions,
+    flagtree's source). A key from this maps to the aten entry that compile made (backend.py's link).
+    """
+    import torch
+    import torch.fx
+    import triton
+
+    if any(True for _ in gm.parameters()) or any(True for _ in gm.buffers()):
+        return None
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            return None
+        arguments = _dynamo_argument((node.args, node.kwargs))
+        if arguments is None:
+            return None
+        target = node.target if isinstance(node.target, str) else _qualified_name(node.target)
+        if target is None:
+            return None
+        lines.append(f"{node.op} {node.name} {target} {arguments} {_dynamo_value(node.meta.get('example_value'))}")
+    inputs = [_dynamo_value(value) for value in example_inputs]
+    shape_env = _shape_env(gm)
+    symbolic = []
+    if shape_env is not None:
+        symbolic = [
+            "ranges " + repr(sorted((str(s), str(r)) for s, r in shape_env.var_to_range.items())),
+            "replacements " + repr(sorted((str(s), str(r)) for s, r in shape_env.replacements.items())),
+            "guards " + repr([str(guard.expr) for guard in shape_env.guards]),
+        ]
+    functorch = torch._functorch.config.save_config_portable()
+    parts = [
+        f"dynamo graph; flagtree {flagtree_py.__version__} {source_hash()}",
+        f"torch {torch.__version__} triton {triton.__version__} python {platform.python_version()}",
+        f"target {target_hash} options {options_hash}",
+        f"grad {torch.is_grad_enabled()} autocast {torch._C._is_any_autocast_enabled()}",
+        f"default dtype {torch.get_default_dtype()} deterministic {torch.are_deterministic_algorithms_enabled()}",
+        "functorch " + repr(sorted((k, repr(v)) for k, v in functorch.items())),
+        "inputs " + ";".join(inputs),
+        *symbolic,
+        *lines,
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _qualified_name(target) -> str | None:
+    """`module.qualname` of a node's callable; None for one a name does not pin down (a lambda, a local)."""
+    import torch
+
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):  # "aten.add.Tensor"
+        return f"op {target}"
+    module = getattr(target, "__module__", None) or type(target).__module__
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if name is None or "<" in name:
+        return None
+    return f"{module}.{name}"
+
+
+def _shape_env(gm):
+    """The ShapeEnv Dynamo traced `gm` with (its fake mode's), or None."""
+    import torch
+
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            mode = getattr(value, "fake_mode", None)
+            if mode is not None:
+                return mode.shape_env
+    return None

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flagtree_py.cache.binaries import BINARIES_DIR, BinaryStore, place_directory, remove_directory
+from flagtree_py.cache.links import GraphLinks
 
 MODULE_FILE = "module.py"
 META_FILE = "meta.json"
@@ -107,6 +108,15 @@ class KernelCache:
             raise CacheRefused(f"{self.directory} belongs to another user")
         if info.st_mode & stat.S_IWOTH:
             raise CacheRefused(f"{self.directory} is writable by everyone")
+
+    def usable(self) -> bool:
+        """Whether the directory passes the safety checks (created 0700 if missing); warns once if not."""
+        try:
+            self._check_directory()
+            return True
+        except (OSError, CacheRefused) as error:
+            self._degrade(error)
+            return False
 
     def entry_path(self, key: str) -> Path:
         return self.directory / key[:2] / key
@@ -259,7 +269,9 @@ class KernelCache:
         process ever loads a half-deleted one."""
         if not _KEY.fullmatch(key):
             raise ValueError(f"not a cache key: {key!r}")
-        return remove_directory(self.entry_path(key))
+        removed = remove_directory(self.entry_path(key))
+        GraphLinks(self.directory).drop(key)  # links that led to it (cache/links.py)
+        return removed
 
     def evict(self, max_bytes: int) -> list[str]:
         """Remove least recently used entries until the cache holds at most `max_bytes`; returns the

@@ -20,7 +20,7 @@ with torch.no_grad():
 record = flagtree_py.report()[-1]
 print(json.dumps({"cache": record["cache"], "kernels_generated": record["kernels_generated"],
                   "triton_kernels": record["triton_kernels"], "compile_s": record["compile_s"],
-                  "triton_compiles": record["triton_compiles"],
+                  "triton_compiles": record["triton_compiles"], "cache_path": record.get("cache_path"),
                   "key": record["cache_key"], "failures": record["kernel_failures"],
                   "err": ((out - ref).abs().max() / ref.abs().max()).item()}))
 """
@@ -28,9 +28,15 @@ print(json.dumps({"cache": record["cache"], "kernels_generated": record["kernels
 
 def _compile_in_subprocess(cache_dir: Path) -> dict:
     env = {**__import__("os").environ, "FLAGTREE_CACHE_DIR": str(cache_dir)}
-    done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _entry_dirs(cache_dir: Path) -> list[Path]:
+    """The entry directories (`<key[:2]>/<key>`), not the Dynamo-graph links beside them (`links/<xx>`)."""
+    return [p for p in cache_dir.glob("*/*") if p.is_dir() and p.parent.name != "links"]
 
 
 @pytest.mark.slow
@@ -39,6 +45,8 @@ def test_second_process_generates_nothing(tmp_path):
     warm = _compile_in_subprocess(tmp_path)
     assert cold["cache"] == "miss" and cold["kernels_generated"] == cold["triton_kernels"] > 0
     assert warm["cache"] == "hit" and warm["kernels_generated"] == 0 and warm["key"] == cold["key"]
+    # found from the Dynamo graph's key (a link the cold process wrote): no AOTAutograd capture in the warm one
+    assert cold["cache_path"] is None and warm["cache_path"] == "dynamo_graph"
     # the interpreter compiles nothing, cold or warm: on a GPU the cold count is the JIT's compiles, and a
     # warm start with binaries in the entry stays 0 (benchmarks/aot_cubin_gpu.py checks that on an H100)
     assert warm["triton_compiles"] == 0 and cold["triton_compiles"] == 0
@@ -58,8 +66,11 @@ def test_concurrent_compiles_leave_one_valid_entry(tmp_path):
         assert process.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert all(r["err"] <= 1e-4 for r in results)
-    entries = [p for p in tmp_path.glob("*/*") if p.is_dir() and not p.name.startswith(".tmp")]
+    entries = [p for p in _entry_dirs(tmp_path) if not p.name.startswith(".tmp")]
     assert len(entries) == 1
+    # one Dynamo-graph link (flagtree_py/cache/links.py), to that entry: every process traced the same graph
+    links = list((tmp_path / "links").glob("*/*.json"))
+    assert len(links) == 1 and json.loads(links[0].read_text())["aten_key"] == entries[0].name
     assert not list(tmp_path.glob("*/.tmp*")), "no scratch directory is left behind"
     from flagtree_py.cache import KernelCache
 
@@ -69,7 +80,7 @@ def test_concurrent_compiles_leave_one_valid_entry(tmp_path):
 @pytest.mark.slow
 def test_tampered_entry_is_not_executed_and_is_rebuilt(tmp_path):
     cold = _compile_in_subprocess(tmp_path)
-    (entry,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    (entry,) = _entry_dirs(tmp_path)
     module = entry / "module.py"
     module.write_text(module.read_text().replace("def call(args):", "def call(args):\n    raise SystemExit(13)"))
     rebuilt = _compile_in_subprocess(tmp_path)
