@@ -125,8 +125,10 @@ class GemmSpec:
     n_expr: sympy.Expr | None = None
     tiled: bool = True
     split: bool = True
-    # the tiled kernel loads through tensor descriptors (TMA): B read as rows of the weight [columns, K]
-    tma: bool = False
+    # `{name}_tma`, the large bucket's kernel where the layout allows: operands through tensor descriptors
+    # (TMA), B read as rows of the weight [columns, K]. Fewer rows keep pointer loads (faster there on the H100)
+    tma_layout: bool = False
+    tma: bool = False  # rendered: the layout allows it and the graph's M may take the large bucket
     b_columns: int = 0
     tma_buffers: list[str] = field(default_factory=list)  # the wrapper's A and B buffers, alignment-checked
     persistent: bool = False  # a candidate of the TMA kernel runs persistent (NUM_SMS > 0)
@@ -253,7 +255,7 @@ class GemmEpilogueBuilder(KernelBuilder):
             b_offset=pexpr(layout[3]), stride_bk=pexpr(layout[4]), stride_bn=pexpr(layout[5]),
             offsets=list(self.offsets), dot_cast=dot_cast, dot_options=dot_options, epilogue=lines, index_dtype=index_dtype,
             symbols=symbols, unspecialized=unspecialized, partial_unspecialized=symbols, comment=comment,
-            m_expr=m, n_expr=n, tma=tma, b_columns=int(b_val.shape[1]) if tma else 0,
+            m_expr=m, n_expr=n, tma_layout=tma, b_columns=int(b_val.shape[1]) if tma else 0,
             tma_buffers=[wrapper_name[a_ptr], wrapper_name[b_ptr]] if tma else [],
         )
 
@@ -292,14 +294,14 @@ def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list
             split = _bucket_split(target, spec, tiles[0])
             extra = {"SPLIT_K": split} if split > 1 else {"GROUP_M": GROUP_M}
             configs[bucket] = [tile_meta(target, t) | extra for t in tiles]
-        elif bucket == "m128" and _bucket_split(target, spec, tiles[0]) > 1:
-            # up to 128 rows (decode at batch <= 128) is still a weight stream: a wide N makes enough
-            # programs, a narrow one (o_proj, down) gets split-K as decode does
+        elif bucket == "m128" and _few_tiles(target, spec, tiles[0]):
+            # up to 128 rows (decode at batch <= 128) is still a weight stream: a narrow N (o_proj, down)
+            # leaves most multiprocessors idle and gets split-K as decode does
             split = _bucket_split(target, spec, tiles[0])
             configs[bucket] = [tile_meta(target, t) | {"SPLIT_K": split} for t in tiles]
         else:
             configs[bucket] = [tile_meta(target, t) | {"GROUP_M": GROUP_M} for t in tiles]
-        if spec.tma and not is_split(configs[bucket]):
+        if bucket == "large" and spec.tma_layout:
             for meta, tile in zip(configs[bucket], tiles):
                 meta |= {"NUM_SMS": (target.multiprocessors or 0) if tile.persistent else 0,
                          "WARP_SPECIALIZE": tile.warp_specialize and tile.persistent}
@@ -310,6 +312,15 @@ def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list
 def _bucket_split(target, spec: GemmSpec, tile: GemmConfig) -> int:
     n = int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
     return target.decode_split(tile, n, spec.k)
+
+
+def _few_tiles(target, spec: GemmSpec, tile: GemmConfig) -> bool:
+    """Whether one row block of `tile` leaves at least half the multiprocessors idle (H100, 32 rows:
+    splitting o_proj and down, 64 tiles of 64 columns, saved 10%; qkv's 96 and gate_up's 192 lost)."""
+    n = int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
+    if target.multiprocessors is None or n is None:
+        return False
+    return 2 * -(-n // tile.BLOCK_N) <= target.multiprocessors and _bucket_split(target, spec, tile) > 1
 
 
 def is_split(metas: list[dict]) -> bool:
@@ -326,8 +337,9 @@ def checked_configs(target, source: str, spec: GemmSpec, configs: dict[str, list
     """
     extra = {"kind": "gemm", "element_bytes": torch.empty((), dtype=dtype).element_size()}
     kept, problems = {}, []
+    rendered = {spec.name: spec.tiled, f"{spec.name}_tma": spec.tma, f"{spec.name}_partial": spec.split}
     for bucket, metas in configs.items():
-        if (is_split(metas) and not spec.split) or (not is_split(metas) and not spec.tiled):
+        if not rendered[kernel_of(spec, bucket, metas)]:
             kept[bucket] = metas  # a bucket this graph's M never takes: not rendered, not launched
             continue
         passing, first, source_fault = passing_configs(source, metas, target, extra)
@@ -368,7 +380,8 @@ def launch_lines(spec: GemmSpec, configs: dict, m: str, n: str, device: str, red
         if m_value is not None:
             break
     spec.split = any(is_split(configs[bucket]) for bucket, _ in branches)
-    spec.tiled = any(not is_split(configs[bucket]) for bucket, _ in branches)
+    spec.tma = spec.tma_layout and any(bucket == "large" for bucket, _ in branches)
+    spec.tiled = any(kernel_of(spec, bucket, configs[bucket]) == spec.name for bucket, _ in branches)
     lines, names = [], []
     for position, (bucket, limit) in enumerate(branches):
         body = _bucket_body(spec, bucket, configs[bucket][0], m, n, device, reduce_warps)
@@ -378,11 +391,20 @@ def launch_lines(spec: GemmSpec, configs: dict, m: str, n: str, device: str, red
         keyword = "if" if position == 0 else ("else" if limit is None else "elif")
         lines.append(f"{keyword}:" if limit is None else f"{keyword} {m} <= {limit}:")
         lines += ["    " + line for line in body]
+    if spec.tiled:
+        names.append(spec.name)
+    if spec.tma:
+        names.append(f"{spec.name}_tma")
     if spec.split:
         names += [f"{spec.name}_partial", f"{spec.name}_reduce"]
-    if spec.tiled:
-        names.insert(0, spec.name)
     return lines, names
+
+
+def kernel_of(spec: GemmSpec, bucket: str, metas: list[dict]) -> str:
+    """The kernel a bucket launches: the split-K pair's first, the TMA one (Hopper, large), or the tiled."""
+    if is_split(metas):
+        return f"{spec.name}_partial"
+    return f"{spec.name}_tma" if bucket == "large" and spec.tma_layout else spec.name
 
 
 def _bucket_body(spec: GemmSpec, bucket: str, meta: dict, m: str, n: str, device: str, reduce_warps: int) -> list:
@@ -390,8 +412,9 @@ def _bucket_body(spec: GemmSpec, bucket: str, meta: dict, m: str, n: str, device
         return ", ".join(f"{key}={value}" for key, value in values.items())
 
     if "SPLIT_K" not in meta:
-        aligned = f"tma=({', '.join(spec.tma_buffers)}), " if spec.tma else ""
-        return [(f"run_gemm({spec.name}, {bucket!r}, GemmGrid({m}, {n}), {', '.join(spec.launch_args)}, "
+        kernel = kernel_of(spec, bucket, [meta])
+        aligned = f"tma=({', '.join(spec.tma_buffers)}), " if kernel.endswith("_tma") else ""
+        return [(f"run_gemm({kernel}, {bucket!r}, GemmGrid({m}, {n}), {', '.join(spec.launch_args)}, "
                  f"{aligned}{keywords(meta)})")]
     split = meta["SPLIT_K"]
     shape = f"({split}, {len(spec.offsets)}, {m}, {n})"
@@ -474,13 +497,14 @@ def lower_gemm_group(writer, group, buffers: dict, views: set, lowerings: dict) 
     writer.uses_gemm = True
     writer.out.lowered_nodes += sum(1 for node in group.members if writer.kinds[node] not in ("view", "gemm"))
     sections = [source, writer._fallback_source(spec, subgraph, stored, builder)]
+    if spec.tma:  # the same computation: the same aten twin
+        sections.append(f"{spec.name}_tma_fallback = {spec.name}_fallback")
     if spec.split:
         sections += [partial_fallback_source(spec, gemm), reduce_fallback_source(spec)]
-    tuning = {}
-    if spec.tiled:
-        tuning[spec.name] = {b: c for b, c in configs.items() if not is_split(c)}
-    if spec.split:
-        tuning[f"{spec.name}_partial"] = {b: c for b, c in configs.items() if is_split(c)}
+    tuning: dict[str, dict] = {}
+    for bucket, metas in configs.items():
+        tuning.setdefault(kernel_of(spec, bucket, metas), {})[bucket] = metas
+    tuning = {name: buckets for name, buckets in tuning.items() if name in names}
     sections.append("\n".join(f"{name}_candidates = {value!r}" for name, value in tuning.items()))
     members = [node.name for node in group.ordered_members()]
     for name in names:

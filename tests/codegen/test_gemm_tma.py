@@ -78,15 +78,20 @@ def _weights(*shape):
 def test_plain_mm_loads_through_descriptors_and_runs_persistent(tma_target):
     record, module = _check(Net(lambda n, x: x @ n.w.t(), w=_weights(N, K)), lambda m: (torch.randn(m, K),),
                             tma_target)
-    tiled = [k for k in record["kernels"] if k["kind"] == "gemm" and not k["name"].endswith(("_partial", "_reduce"))]
-    assert len(tiled) == 1
-    source = _source(module.__dict__[tiled[0]["name"]])
+    names = {k["name"] for k in record["kernels"] if k["kind"] == "gemm"}
+    (tma,) = [name for name in names if name.endswith("_tma")]
+    base = tma.removesuffix("_tma")
+    source = _source(module.__dict__[tma])
     assert source.count("tl.make_tensor_descriptor(") == 2 and "tl.range(" in source and "NUM_SMS" in source
-    large = getattr(module, f"{tiled[0]['name']}_candidates")["large"]
-    assert large[0]["NUM_SMS"] == 2 and large[0]["WARP_SPECIALIZE"] is True and large[1]["NUM_SMS"] == 0
-    # with few multiprocessors' worth of tiles, up to 128 rows split K too (M = 17 and 40 ran it above)
-    split = getattr(module, f"{tiled[0]['name']}_partial_candidates")
+    large = getattr(module, f"{tma}_candidates")
+    assert set(large) == {"large"}  # fewer rows keep pointer loads
+    assert large["large"][0]["NUM_SMS"] == 2 and large["large"][0]["WARP_SPECIALIZE"] is True
+    assert large["large"][1]["NUM_SMS"] == 0
+    # one row block of 40 columns would leave a multiprocessor idle: up to 128 rows split K as decode does
+    split = getattr(module, f"{base}_partial_candidates")
     assert set(split) == {"m16", "m128"} and split["m128"][0]["SPLIT_K"] > 1
+    assert names == {tma, f"{base}_partial", f"{base}_reduce"}  # no bucket left for the pointer-tiled kernel
+    assert getattr(module, f"{tma}_fallback") is getattr(module, f"{base}_fallback")  # one aten twin
 
 
 def test_swiglu_and_residual_epilogues_through_descriptors(tma_target):
