@@ -23,6 +23,7 @@ from flagtree_py.runtime.autotune import GemmGrid, run_gemm
 from flagtree_py.runtime.launch import counters
 from flagtree_py.targets import get_target, registered_targets
 from flagtree_py.targets.base import GemmConfig
+from tests.codegen.test_gemm import Net
 
 K, N = 48, 40  # K a multiple of 16 (TMA's 16-byte rows in fp32), neither a multiple of the tiles
 ROWS = (1, 3, 17, 40, 130)
@@ -40,17 +41,6 @@ def tma_target(monkeypatch):
                                          GemmConfig(32, 32, 16, 128, 1))})
     monkeypatch.setitem(registered_targets(), spec.name, spec)
     return spec.name
-
-
-class Net(torch.nn.Module):
-    def __init__(self, fn, **weights) -> None:
-        super().__init__()
-        self.fn = fn
-        for name, value in weights.items():
-            self.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
-
-    def forward(self, *inputs):
-        return self.fn(self, *inputs)
 
 
 def _check(net, make, target: str):
