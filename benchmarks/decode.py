@@ -450,6 +450,7 @@ def _length_sweep(args, device: str, one_graph: bool) -> dict:
         decode_ms = 1000 * (time.perf_counter() - t0) / (steps - 2)
     records = flagtree_py.report()
     flagtree_py.clear_report()
+    recompile_reasons = _recompile_reasons()
     breaks: dict = {}
     for reason, n in counters["graph_break"].items():
         if n > breaks_before.get(reason, 0):
@@ -465,11 +466,22 @@ def _length_sweep(args, device: str, one_graph: bool) -> dict:
             "dynamic_symbols": sorted({s for r in records for s in r.get("dynamic_symbols", [])}),
             "shape_guards_added": [g for r in records for g in r.get("shape_guards_added", [])],
             "graph_fallbacks": [r.get("error") for r in records if r.get("fallback") == "graph"],
+            "recompile_reasons": recompile_reasons,
             "per_length": per_length,
             "decode": {"steps_timed": steps - 2, "ms_per_step": round(decode_ms, 3),
                        "new_graphs": _dynamo_graphs() - graphs_before_decode,
                        "cuda_graphs": [r.get("cuda_graphs") for r in records],
                        "cuda_graph_counts": [dict(r.get("cuda_graph_counts", {})) for r in records]}}
+
+
+def _recompile_reasons(limit: int = 8) -> list[str]:
+    """The guards that failed when Dynamo compiled again since the sweep's `torch._dynamo.reset()`, each with
+    the source line that made it (Dynamo's text, as TORCH_LOGS=recompiles prints it), so that a recompile
+    on the GPU machine names its cause in the JSON. Empty when nothing recompiled."""
+    from torch._dynamo.utils import guard_failures
+
+    reasons = [" ".join(str(reason).split()) for failures in guard_failures.values() for reason in failures]
+    return [reason[:600] for reason in reasons[:limit]]
 
 
 def _kernel_compiles() -> dict:

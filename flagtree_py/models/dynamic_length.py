@@ -19,6 +19,10 @@ remove both causes:
     with dynamic_length.any_length(ids, positions):  # first call only: the length dim dynamic, even at 1
         step(ids, positions)
 
+A third cause is the device's: Dynamo traces SDPA through the backend the device picks, and the math one
+(which a CUDA device can pick for a masked call) guards on a length of 1; `flagtree_attention` hands Dynamo
+`flagtree::attention` instead (see there).
+
 `any_length` marks the length dimension dynamic and turns on `backed_size_oblivious` while Dynamo traces,
 so a first call at length 1 gives a symbol rather than the constant 1. Without the mask the model is
 still correct (transformers builds its own), but recompiles once between length 1 and 2.
@@ -39,19 +43,45 @@ def flagtree_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, minus its `q_length > 1` test when a mask is given (then it is not
-    causal either way): that test is a Python branch Dynamo guards on, splitting length 1 from the rest."""
+    causal either way): that test is a Python branch Dynamo guards on, splitting length 1 from the rest.
+
+    While Dynamo traces, a masked call is `flagtree::attention` itself (what flagtree's `route_sdpa_calls`
+    makes of SDPA anyway), not `F.scaled_dot_product_attention`: Dynamo runs SDPA's device-chosen backend
+    on fake tensors, and where that is the math backend (a CUDA device with this mask; the CPU with flash SDP
+    disabled) its matmul decomposition reshapes the transposed query with a `size == 1` test that
+    specializes a length-1 first call (`positions.size()[1] == 1`, torch 2.11 and 2.13 alike; issue 9:
+    length 2 compiled again). The op's fake implementation computes a shape and tests no size."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if attention_mask is None or kwargs.get("position_bias") is not None:
         # no mask: causality comes from `is_causal`, which does depend on the query length
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if _traced_as_flagtree_op(query, key, value, attention_mask, dropout):
+        import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.attention)
+
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        # K/V heads as stored: the op shares each between its group of query heads (no repeat_kv copy)
+        out = torch.ops.flagtree.attention(query, key, value, attention_mask, scale, False)
+        return out.transpose(1, 2).contiguous(), None
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:  # as transformers does with a mask: flagtree's fuse_attention reads through the repeat
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                            dropout_p=dropout, scale=scaling, is_causal=False)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _traced_as_flagtree_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                           dropout: float) -> bool:
+    """Whether this call is under Dynamo and of a form `flagtree::attention` takes (the conditions of
+    `route_sdpa_calls`: 4D, no dropout, V's head size Q's, K/V heads dividing Q's, a 4D mask). Eager calls
+    keep torch's SDPA (its fused CPU/GPU kernels)."""
+    if not torch.compiler.is_compiling():
+        return False
+    return (dropout == 0.0 and query.dim() == key.dim() == value.dim() == mask.dim() == 4
+            and value.shape[-1] == query.shape[-1] and isinstance(query.shape[1], int)
+            and isinstance(key.shape[1], int) and query.shape[1] % key.shape[1] == 0)
 
 
 def register_attention() -> None:

@@ -5,6 +5,8 @@ Kernels run in Triton's interpreter: shapes are tiny, one layer."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -116,6 +118,53 @@ def test_one_graph_serves_every_length_and_decode(launches):
         else:
             assert attention and all("prefill" in name for name in attention), attention
             assert gemm_rows and min(gemm_rows) > 16, gemm_rows
+
+
+@pytest.fixture
+def math_sdpa():
+    """torch's SDPA on its math backend only, as a CUDA device picks it for the recipe's masked call (the H100
+    run: torch 2.11, bf16, a bool mask). Dynamo runs the chosen backend on fake tensors; the math one's matmul
+    decomposition reshapes the transposed query and guards `positions.size()[1] == 1` (torch 2.11 and 2.13
+    alike), so a length-1 first call made a graph that length 2 did not pass. The same flags pick math on
+    the CPU, where SDPA otherwise takes its flash kernel and no guard."""
+    backends = torch.backends.cuda
+    flags = (backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.cudnn_sdp_enabled())
+    backends.enable_flash_sdp(False)
+    backends.enable_mem_efficient_sdp(False)
+    backends.enable_cudnn_sdp(False)
+    yield
+    backends.enable_flash_sdp(flags[0])
+    backends.enable_mem_efficient_sdp(flags[1])
+    backends.enable_cudnn_sdp(flags[2])
+
+
+def test_recipe_traces_attention_as_one_op_under_math_sdpa(math_sdpa):
+    """Dynamo's graph of the recipe holds `flagtree::attention` and no SDPA call (whose device-chosen
+    decomposition Dynamo would run on fake tensors), so a length-1 first call serves lengths 2 and 5 whatever
+    SDPA backend the device would pick; it agrees with eager transformers. Dynamo only (a capturing backend)."""
+    compiled_model = _Cached(dynamic_length.use_flagtree_attention(_qwen3()))
+    eager = _Cached(_qwen3())
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(compiled_model.forward_masked, backend=capture)
+    with torch.no_grad():
+        for index, length in enumerate((1, 2, 5)):
+            compiled_model.cache.reset()
+            eager.cache.reset()
+            ids = torch.randint(0, compiled_model.lm.config.vocab_size, (1, length))
+            positions = torch.arange(length).unsqueeze(0)
+            with dynamic_length.any_length(ids, positions) if index == 0 else contextlib.nullcontext():
+                got = step(ids, positions)
+            assert _close(got, eager.forward(ids, positions)) < RELATIVE, length
+    assert len(graphs) == 1, f"{len(graphs)} Dynamo graphs"
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    op = torch.ops.flagtree.attention  # Dynamo records the op's packet
+    assert len([t for t in targets if t in (op, op.default)]) == 1, targets  # one layer
+    assert torch._C._nn.scaled_dot_product_attention not in targets
 
 
 def _column(x: torch.Tensor) -> torch.Tensor:
