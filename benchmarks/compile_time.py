@@ -129,6 +129,7 @@ from flagtree_py.runtime.launch import counters
 layers, dtype, length, dynamic = int(sys.argv[1]), getattr(torch, sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 config = real_config("qwen3")
 model = build_model(config, dtype=dtype, device="cuda", num_layers=layers)
+torch.manual_seed(0)  # the cold and the warm process score the same tokens
 ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
 torch.cuda.synchronize()
 start = time.perf_counter()
