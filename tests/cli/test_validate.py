@@ -183,7 +183,7 @@ def test_a_wrong_attention_kernel_fails_validation_and_is_named(monkeypatch, one
     assert status == 1 and not summary["passed"]
     worst = summary["kernels"]["worst"]
     assert worst["kernel"].startswith("k_attention") and worst["kernel"].endswith("_decode"), worst
-    assert "attention" in worst["nodes"] and 0.01 < worst["max_rel_error"] < 0.05
+    assert any(node.startswith("attention") for node in worst["nodes"]) and 0.01 < worst["max_rel_error"] < 0.05
     assert worst["launches"] == 2 * summary["layers"]  # one pair per layer and step
     assert any(f"kernel {worst['kernel']} " in failure for failure in summary["failures"])
     for kernel in summary["kernels"]["all"][1:]:  # upstream kernels, and the combine on its own, agree
