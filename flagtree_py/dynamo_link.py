@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from flagtree_py.cache import KernelCache, default_cache_dir
-from flagtree_py.cache.key import dynamo_graph_key
+from flagtree_py.cache.key import dynamo_graph_key, shape_env_of, symbol_ranges_and_replacements
 from flagtree_py.cache.links import GraphLinks
 from flagtree_py.options import CompileOptions
 from flagtree_py.pipeline import graph_inputs_of, load_linked_entry
@@ -105,13 +105,10 @@ def linked_callable(call, mutated_seen_by_autograd: list[int]):
 def symbolic_state(gm: torch.fx.GraphModule) -> tuple | None:
     """What of the shape environment a compile may add to (guards, symbols, ranges, replacements,
     runtime asserts): compared before and after AOTAutograd and flagtree ran."""
-    from flagtree_py.cache.key import _shape_env
-
-    env = _shape_env(gm)
+    env = shape_env_of(gm)
     if env is None or not all(hasattr(env, name) for name in _SHAPE_ENV_FIELDS):
         return None  # no link: a hit could not know which guards the compile added
-    return (len(env.guards), len(env.var_to_range), repr(sorted((str(s), str(r)) for s, r in env.var_to_range.items())),
-            repr(sorted((str(s), str(r)) for s, r in env.replacements.items())),
+    return (len(env.guards), len(env.var_to_range), *symbol_ranges_and_replacements(env),
             sum(len(asserts) for asserts in env.deferred_runtime_asserts.values()), len(env.divisible))
 
 

@@ -102,28 +102,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     device_type = _device_type(example_inputs)
     target, reason = select_target(options.target, device_type)
     ctx = PassContext(options, parameters=_real_parameters(gm, real_inputs))
-    record = {
-        "graph": graph_name,
-        "target": target.name,
-        "target_vendor": target.vendor,
-        "target_reason": reason,
-        "executor": "triton" if device_type == "cuda" else "interpreter",
-        "passes": ctx.counters,
-        "kernel_failures": [],
-        # builds of this graph's kernels by triton.compile: JIT first launches on a GPU (later, at run
-        # time); always 0 under the interpreter, which compiles nothing; 0 for kernels whose binary
-        # comes from the cache entry
-        "triton_compiles": 0,
-        # wall seconds per compile phase, in order (benchmarks/compile_time.py reads them)
-        "phases_s": phase.seconds,
-    }
-
-    def on_failure(kernel: str, error: str) -> None:
-        record["kernel_failures"].append({"kernel": kernel, "error": error})
-    on_check = KernelErrors(record) if options.check_kernels else None
-
-    def on_compile(kernel: str) -> None:
-        record["triton_compiles"] += 1
+    record = _new_record(graph_name, target, reason, device_type, phase, ctx.counters)
+    on_failure, on_compile, on_check = _record_callbacks(record, options)
 
     graph_inputs = _graph_inputs(gm.graph)  # before the passes: what CUDA graph replay must know
     cache = KernelCache(options.cache_dir or default_cache_dir()) if options.cache else None
@@ -135,7 +115,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         entry, problem = cache.load(key)
         phase.done("cache_lookup")
         if entry is not None:
-            _colocate(entry.meta.get("colocated_inputs", []), gm, ctx.parameters)
+            _colocate(entry.meta.get("colocated_inputs", []), _parameters_by_position(gm, ctx.parameters))
             call = _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache, on_check)
             phase.done("cache_hit_import")
             return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
@@ -149,7 +129,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     gm.recompile()
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     colocated = [[placeholders.index(n) for n in merge] for merge in ctx.merged_parameters]
-    _colocate(colocated, gm, ctx.parameters)
+    _colocate(colocated, _parameters_by_position(gm, ctx.parameters))
     phase.done("passes")
     partition = partition_fusion_groups(graph, device_type, options.gemm_templates)
     ctx.counters["partition_fusion_groups"] += len(partition.groups)
@@ -212,22 +192,11 @@ def load_linked_entry(aten_key: str, link: dict, example_inputs: list, options: 
     phase.done("cache_lookup")
     if entry is None or entry.meta.get("constants") or len(example_inputs) != link["inputs"]:
         return None
-    record = {"graph": graph_name, "target": target.name, "target_vendor": target.vendor, "target_reason": reason,
-              "executor": "triton" if device_type == "cuda" else "interpreter", "passes": {}, "kernel_failures": [],
-              "triton_compiles": 0, "phases_s": phase.seconds, "cache_key": aten_key, "cache_path": "dynamo_graph"}
-    on_check = KernelErrors(record) if options.check_kernels else None
-
-    def on_failure(kernel: str, error: str) -> None:
-        record["kernel_failures"].append({"kernel": kernel, "error": error})
-
-    def on_compile(kernel: str) -> None:
-        record["triton_compiles"] += 1
-
-    parameters = [value if isinstance(value, torch.nn.Parameter) else None for value in example_inputs]
-    for positions in entry.meta.get("colocated_inputs", []):
-        parts = [parameters[i] for i in positions]
-        if all(p is not None for p in parts):
-            colocate(parts)
+    record = _new_record(graph_name, target, reason, device_type, phase, {})
+    record.update(cache_key=aten_key, cache_path="dynamo_graph")
+    on_failure, on_compile, on_check = _record_callbacks(record, options)
+    _colocate(entry.meta.get("colocated_inputs", []),
+              [value if isinstance(value, torch.nn.Parameter) else None for value in example_inputs])
     call = _load_cached(entry, None, record, options, device_type, graph_name, start, on_failure, on_compile, cache,
                         on_check)
     phase.done("cache_hit_import")
@@ -304,11 +273,44 @@ def _placeholder_positions(gm: torch.fx.GraphModule, nodes) -> list[int]:
     return [i for i, n in enumerate(placeholders) if n in nodes]
 
 
-def _colocate(merges: list[list[int]], gm: torch.fx.GraphModule, parameters: dict) -> None:
-    """Lay each merge's parameters back to back in one buffer (runtime/merged_weights.py)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def _new_record(graph_name: str, target, reason: str, device_type: str, phase: _PhaseClock, passes: dict) -> dict:
+    return {
+        "graph": graph_name,
+        "target": target.name,
+        "target_vendor": target.vendor,
+        "target_reason": reason,
+        "executor": "triton" if device_type == "cuda" else "interpreter",
+        "passes": passes,
+        "kernel_failures": [],
+        # builds of this graph's kernels by triton.compile: JIT first launches on a GPU (later, at run
+        # time); always 0 under the interpreter, which compiles nothing; 0 for kernels whose binary
+        # comes from the cache entry
+        "triton_compiles": 0,
+        # wall seconds per compile phase, in order (benchmarks/compile_time.py reads them)
+        "phases_s": phase.seconds,
+    }
+
+
+def _record_callbacks(record: dict, options: CompileOptions):
+    """(on_failure, on_compile, on_check) of the loaded kernels, writing into `record`."""
+    def on_failure(kernel: str, error: str) -> None:
+        record["kernel_failures"].append({"kernel": kernel, "error": error})
+
+    def on_compile(kernel: str) -> None:
+        record["triton_compiles"] += 1
+
+    return on_failure, on_compile, (KernelErrors(record) if options.check_kernels else None)
+
+
+def _parameters_by_position(gm: torch.fx.GraphModule, parameters: dict) -> list:
+    """The real parameter behind each placeholder, None where there is none."""
+    return [parameters.get(n) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _colocate(merges: list[list[int]], parameters: list) -> None:
+    """Lay each merge's parameters (input positions) back to back in one buffer (runtime/merged_weights.py)."""
     for positions in merges:
-        parts = [parameters.get(placeholders[i]) for i in positions]
+        parts = [parameters[i] for i in positions]
         if all(p is not None for p in parts):
             colocate(parts)
 

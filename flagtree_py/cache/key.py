@@ -136,14 +136,12 @@ def dynamo_graph_key(gm, example_inputs: list, target_hash: str, options_hash: s
             return None
         lines.append(f"{node.op} {node.name} {target} {arguments} {_dynamo_value(node.meta.get('example_value'))}")
     inputs = [_dynamo_value(value) for value in example_inputs]
-    shape_env = _shape_env(gm)
+    shape_env = shape_env_of(gm)
     symbolic = []
     if shape_env is not None:
-        symbolic = [
-            "ranges " + repr(sorted((str(s), str(r)) for s, r in shape_env.var_to_range.items())),
-            "replacements " + repr(sorted((str(s), str(r)) for s, r in shape_env.replacements.items())),
-            "guards " + repr([str(guard.expr) for guard in shape_env.guards]),
-        ]
+        ranges, replacements = symbol_ranges_and_replacements(shape_env)
+        symbolic = ["ranges " + ranges, "replacements " + replacements,
+                    "guards " + repr([str(guard.expr) for guard in shape_env.guards])]
     functorch = torch._functorch.config.save_config_portable()
     parts = [
         f"dynamo graph; flagtree {flagtree_py.__version__} {source_hash()}",
@@ -172,7 +170,13 @@ def _qualified_name(target) -> str | None:
     return f"{module}.{name}"
 
 
-def _shape_env(gm):
+def symbol_ranges_and_replacements(shape_env) -> tuple[str, str]:
+    """The shape environment's symbol ranges and replacements as text (sorted: the same env, the same text)."""
+    return (repr(sorted((str(s), str(r)) for s, r in shape_env.var_to_range.items())),
+            repr(sorted((str(s), str(r)) for s, r in shape_env.replacements.items())))
+
+
+def shape_env_of(gm):
     """The ShapeEnv Dynamo traced `gm` with (its fake mode's), or None."""
     import torch
 

@@ -3,11 +3,12 @@
 A warm start used to run AOTAutograd (tens of seconds for a 36-layer model) only to compute the key of an
 entry it then imported. A link lets backend.py find that entry from the Dynamo graph itself
 (`cache/key.py` `dynamo_graph_key`) and skip AOTAutograd. It is written only at a cold compile whose
-AOTAutograd capture needed no runtime wrapper work flagtree does not redo (backend.py
-`_aot_needs_no_wrappers`) and added no guard, and it holds what the hit needs instead of the aten graph:
+AOTAutograd capture needed no runtime wrapper work flagtree does not redo (dynamo_link.py
+`why_not_linkable`) and added no guard, and it holds what the hit needs instead of the aten graph
+(dynamo_link.py `write_link`):
 
-    {"aten_key": ..., "inputs": n, "mutated": [input positions the graph writes],
-     "symbolic": [[input, dim or null], ...], "aot": {what AOTAutograd's metadata said}}
+    {"aten_key": ..., "graph": name, "inputs": n, "mutated": [input positions the graph writes],
+     "symbolic": [[input, dim or null], ...], "mutated_seen_by_autograd": [...], "written": [...]}
 
 A link holds no code. A missing, unreadable or stale one (its entry evicted, damaged, or of another
 version) costs a full compile, never a wrong result: the hit path checks the entry like any other.

@@ -11,8 +11,9 @@ accumulators and `silu(acc0) * acc1`, and only the product is stored.
 Operands are read in place through the strides of their views: a transposed weight (`permute`,
 `t`) is a stride swap, never a copy. The wrapper picks the kernel per call from the row count M
 (symbolic: one compile serves all): few rows (decode) run the split-K pair, more the tiled kernel
-(up to 128 rows also split K where the target's multiprocessors would otherwise idle). On Hopper the
-tiled kernel loads its operands through tensor descriptors (TMA) when their layout allows.
+(up to 128 rows also split K where the target's multiprocessors would otherwise idle). On Hopper more
+than 128 rows run `<name>_tma`, which loads its operands through tensor descriptors, where their layout
+allows.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class GemmSpec:
     tma: bool = False  # rendered: the layout allows it and the graph's M may take the large bucket
     b_columns: int = 0
     tma_buffers: list[str] = field(default_factory=list)  # the wrapper's A and B buffers, alignment-checked
-    persistent: bool = False  # a candidate of the TMA kernel runs persistent (NUM_SMS > 0)
+    persistent: bool = False  # rendered: a candidate of the TMA kernel runs persistent (NUM_SMS > 0)
 
 
 class GemmEpilogueBuilder(KernelBuilder):
@@ -261,8 +262,7 @@ class GemmEpilogueBuilder(KernelBuilder):
 
 
 def _tma_layout(target, layout: list[sympy.Expr], k: int, element: int) -> bool:
-    """Whether the tiled kernel can load A [M, K] and B's weight rows [columns, K] through tensor
-    descriptors: the target has TMA, both are contiguous along K with static row strides and offsets
+    """Whether `<name>_tma` can load A [M, K] and B's weight rows [columns, K] through tensor descriptors: the target has TMA, both are contiguous along K with static row strides and offsets
     that keep every row 16-byte aligned (TMA's rule; the wrapper checks the base pointers per call).
     Descriptor coordinates are 32-bit per dimension (rows and columns, not elements): int64 indexing of
     the epilogue's stores does not matter to them."""
@@ -305,19 +305,21 @@ def bucket_configs(target, spec: GemmSpec, dtype: torch.dtype) -> dict[str, list
             for meta, tile in zip(configs[bucket], tiles):
                 meta |= {"NUM_SMS": (target.multiprocessors or 0) if tile.persistent else 0,
                          "WARP_SPECIALIZE": tile.warp_specialize and tile.persistent}
-                spec.persistent |= meta["NUM_SMS"] > 0
     return configs
 
 
+def _static_n(spec: GemmSpec) -> int | None:
+    return int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
+
+
 def _bucket_split(target, spec: GemmSpec, tile: GemmConfig) -> int:
-    n = int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
-    return target.decode_split(tile, n, spec.k)
+    return target.decode_split(tile, _static_n(spec), spec.k)
 
 
 def _few_tiles(target, spec: GemmSpec, tile: GemmConfig) -> bool:
     """Whether one row block of `tile` leaves at least half the multiprocessors idle (H100, 32 rows:
     splitting o_proj and down, 64 tiles of 64 columns, saved 10%; qkv's 96 and gate_up's 192 lost)."""
-    n = int(spec.n_expr) if spec.n_expr is not None and spec.n_expr.is_Integer else None
+    n = _static_n(spec)
     if target.multiprocessors is None or n is None:
         return False
     return 2 * -(-n // tile.BLOCK_N) <= target.multiprocessors and _bucket_split(target, spec, tile) > 1
@@ -381,6 +383,7 @@ def launch_lines(spec: GemmSpec, configs: dict, m: str, n: str, device: str, red
             break
     spec.split = any(is_split(configs[bucket]) for bucket, _ in branches)
     spec.tma = spec.tma_layout and any(bucket == "large" for bucket, _ in branches)
+    spec.persistent = spec.tma and any(meta.get("NUM_SMS") for meta in configs["large"])
     spec.tiled = any(kernel_of(spec, bucket, configs[bucket]) == spec.name for bucket, _ in branches)
     lines, names = [], []
     for position, (bucket, limit) in enumerate(branches):

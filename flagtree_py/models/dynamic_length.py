@@ -74,14 +74,16 @@ def flagtree_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
 
 def _traced_as_flagtree_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                            dropout: float) -> bool:
-    """Whether this call is under Dynamo and of a form `flagtree::attention` takes (the conditions of
-    `route_sdpa_calls`: 4D, no dropout, V's head size Q's, K/V heads dividing Q's, a 4D mask). Eager calls
-    keep torch's SDPA (its fused CPU/GPU kernels)."""
+    """Whether this call is under Dynamo and of a form `flagtree::attention` takes (`route_sdpa_calls`'s
+    `sdpa_form_taken`, and K/V heads dividing Q's, a 4D mask). Eager calls keep torch's SDPA (its fused
+    CPU/GPU kernels)."""
+    from flagtree_py.passes.fuse_attention import sdpa_form_taken
+
     if not torch.compiler.is_compiling():
         return False
-    return (dropout == 0.0 and query.dim() == key.dim() == value.dim() == mask.dim() == 4
-            and value.shape[-1] == query.shape[-1] and isinstance(query.shape[1], int)
-            and isinstance(key.shape[1], int) and query.shape[1] % key.shape[1] == 0)
+    return (sdpa_form_taken(query, value, dropout, None) and key.dim() == value.dim() == mask.dim() == 4
+            and isinstance(query.shape[1], int) and isinstance(key.shape[1], int)
+            and query.shape[1] % key.shape[1] == 0)
 
 
 def register_attention() -> None:

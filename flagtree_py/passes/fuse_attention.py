@@ -41,6 +41,14 @@ _FORMS = {
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
+def sdpa_form_taken(query, value, dropout_p, scale) -> bool:
+    """Whether an SDPA call on these (real or example) tensors is a form `flagtree::attention` takes:
+    4D, no dropout, a Python float scale or none, V with Q's static head size (the kernels read V so)."""
+    return (query is not None and value is not None and query.dim() == 4 and dropout_p == 0.0
+            and (scale is None or isinstance(scale, float)) and isinstance(query.shape[-1], int)
+            and value.shape[-1] == query.shape[-1])
+
+
 def route_sdpa_calls(gm: torch.fx.GraphModule) -> int:
     """Dynamo's graph: every plain `F.scaled_dot_product_attention` call -> `flagtree::attention`."""
     routed = 0
@@ -53,11 +61,8 @@ def route_sdpa_calls(gm: torch.fx.GraphModule) -> int:
         mask, causal, scale = bound.get("attn_mask"), bound.get("is_causal", False), bound.get("scale")
         example = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
         v_example = v.meta.get("example_value") if isinstance(v, torch.fx.Node) else None
-        if v_example is None or example is None or v_example.shape[-1] != example.shape[-1]:
-            continue  # the kernels read V with Q's head size
-        if (bound.get("dropout_p", 0.0) != 0.0 or not isinstance(causal, bool) or example is None
-                or not isinstance(bound.get("enable_gqa", False), bool) or example.dim() != 4
-                or not (scale is None or isinstance(scale, float)) or not isinstance(example.shape[-1], int)):
+        if (not sdpa_form_taken(example, v_example, bound.get("dropout_p", 0.0), scale)
+                or not isinstance(causal, bool) or not isinstance(bound.get("enable_gqa", False), bool)):
             continue  # left to torch's SDPA; the aten-level pass may still take the backend op
         if scale is None:
             scale = float(example.shape[-1]) ** -0.5

@@ -32,12 +32,12 @@ def flash_attention(kernel, q, k, v, mask, out, *, scale: float, block_m: int, b
                     num_warps: int, num_stages: int) -> None:
     """Prefill: grid (batch * q heads, query blocks), the kernel taking the query blocks last first."""
     batch, heads, q_len, head_dim = q.shape
+    if batch * heads * q_len == 0:
+        return
     kv_len = k.shape[2]
     mask, mask_strides = _mask_4d(mask, q, kv_len)
     args = [q, k, v, mask, out, *_strides(q, k, v), *mask_strides, *_strides(out),
             heads, heads // k.shape[1], q_len, kv_len, float(scale)]
-    if batch * heads * q_len == 0:
-        return
     run(kernel, (batch * heads, cdiv(q_len, block_m)), *args, BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim), num_warps=num_warps, num_stages=num_stages)
 

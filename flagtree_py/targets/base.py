@@ -29,10 +29,10 @@ class GemmConfig:
     SPLIT_K > 1 is the decode (few rows) form: K is cut into SPLIT_K slices whose partial sums
     a second kernel adds in a fixed order (deterministic, unlike atomics).
 
-    On targets with TMA (where the operands' layout allows it, codegen/gemm.py) the tiled kernel
-    loads through tensor descriptors; there `persistent` runs one program per multiprocessor walking
-    the tiles, and `warp_specialize` asks Triton to split those programs into loading and computing
-    warps. Elsewhere both are ignored.
+    On targets with TMA, the large bucket's kernel loads through tensor descriptors where the operands'
+    layout allows it (codegen/gemm.py, `<name>_tma`); there `persistent` runs one program per
+    multiprocessor walking the tiles, and `warp_specialize` asks Triton to split those programs into
+    loading and computing warps. Elsewhere both are ignored.
     """
 
     BLOCK_M: int

@@ -117,7 +117,6 @@ def test_strides_tma_cannot_take_keep_pointer_loads(tma_target):
 def test_unaligned_operand_runs_the_fallback_with_one_warning():
     class Kernel:
         name = "k0_mm"
-        launched = 0
 
         def fallback(self, a, b, out):
             torch.mm(a, b.t(), out=out)
