@@ -7,14 +7,18 @@ batch 1 and 32, a context already in the cache (`--context`, default 1024). For 
 - % of the HBM roofline: floor = bytes a step must read (weights it touches + the context's KV) over the
   copy bandwidth measured in the same run (read + write bytes of a large device copy per second);
 - first-call seconds per batch size (Dynamo + backend compile + first run): flagtree's cold figure runs with
-  an empty flagtree cache, its warm figure in a second process that finds the cache filled;
+  an empty flagtree cache, its warm figure in a second process that finds the cache filled; then, at the
+  first batch size, a third process precompiles the step (torch's `aot_compile` through
+  `flagtree_py.precompile.precompiled`, saved to a file) and a fourth loads it: its first call is the load
+  and the first step, with no Dynamo trace (`flagtree-precompile`, `flagtree-precompiled`);
 - flagtree only: Dynamo recompiles across prompt lengths 1..4096 (prefill at `--lengths`, on a model of the
   same shapes with `--recompile-layers` layers), and top-1 agreement with eager over >= 1,000 positions
   (batch 32, `--agreement-steps` decode steps with the same tokens fed to both; each keeps its own cache).
 
 Each mode runs in its own subprocess, so that a crash (or a poisoned CUDA context) loses that mode only; a
 mode that would start after `--budget-s` (default 540 s) is skipped and recorded as skipped. Modes run in
-the order eager, flagtree, flagtree-warm, reduce-overhead, max-autotune. Compiler caches (flagtree's,
+the order eager, flagtree, flagtree-warm, flagtree-precompile, flagtree-precompiled, reduce-overhead,
+max-autotune. Compiler caches (flagtree's,
 Triton's, Inductor's) start empty in every run. One model per run; JSON to --out, a PNG chart beside it.
 
     python benchmarks/decode.py --model qwen3 --modes eager,flagtree --out decode_qwen3_flagtree.json
@@ -47,6 +51,8 @@ MODES = ("eager", "reduce-overhead", "max-autotune", "flagtree")
 #: Qwen3-30B-A3B: 48 layers of 61 GB in bf16 do not leave room for batch 32's cache and the compilers'
 #: workspaces on an 80 GB H100, and its compile times scale with layers: 24 layers by default (recorded)
 DEFAULT_LAYERS = {"qwen3": None, "qwen3-30b-a3b": 24}
+#: second processes of the flagtree mode (first batch size only): see the module docstring
+FLAGTREE_LATER = ("flagtree-warm", "flagtree-precompile", "flagtree-precompiled")
 DEFAULT_LENGTHS = (1, 2, 3, 5, 8, 17, 64, 100, 255, 512, 1000, 2048, 3000, 4096)
 SMOKE_LENGTHS = (1, 2, 3, 5, 8, 17, 33)
 
@@ -164,6 +170,26 @@ def compile_for(mode: str, fn, args, cuda_graphs: bool = True):
     return torch.compile(fn, mode=mode)
 
 
+def precompiled_step(args, decoder: Decoder, first: torch.Tensor, entry: dict):
+    """flagtree-precompile: precompile the step and save it (Dynamo traces, flagtree's cache is warm);
+    flagtree-precompiled: load what that saved, with no Dynamo trace. `entry` gets the seconds each took."""
+    from flagtree_py.precompile import precompiled
+
+    path = os.environ["DECODE_PRECOMPILED"]
+    if args.worker == "flagtree-precompiled" and not Path(path).is_file():
+        raise RuntimeError(f"no precompiled step at {path}: the flagtree-precompile process saved none")
+    target = "interpreter" if args.smoke else "auto"
+    started = time.perf_counter()
+    positions = torch.full((decoder.batch, 1), args.context, device=decoder.device)
+    step = precompiled(decoder.forward, (first, positions), path,
+                       options={"target": target, "cuda_graphs": not args.smoke})
+    entry["precompiled_source"] = step.source
+    entry["load_s" if step.source == "loaded" else "precompile_s"] = round(time.perf_counter() - started, 3)
+    if args.worker == "flagtree-precompiled" and step.source != "loaded":
+        raise RuntimeError(f"{path} was not loaded: the step was precompiled again (see the warnings)")
+    return step
+
+
 def run_steps(step, decoder: Decoder, first: torch.Tensor, start: int, count: int, cudagraphs: bool):
     """`count` greedy decode steps from position `start`; returns the last tokens (device tensor)."""
     tokens = first
@@ -184,7 +210,7 @@ def worker(args) -> dict:
     import flagtree_py
 
     device, _ = device_and_dtype(args)
-    mode = args.worker.removesuffix("-warm")
+    mode = "flagtree" if args.worker in FLAGTREE_LATER else args.worker
     result: dict = {"mode": args.worker, "batches": {}}
     if args.recompiles_only and mode == "flagtree":  # the recompile count builds its own few-layer model
         result["recompiles"] = _guarded(recompiles, args, device)
@@ -193,7 +219,7 @@ def worker(args) -> dict:
     lm, result["experts_implementation"] = build(args)
     result["build_s"] = round(time.perf_counter() - start, 2)
     vocab = lm.config.vocab_size
-    batches = args.batches[:1] if args.worker.endswith("-warm") else args.batches
+    batches = args.batches[:1] if args.worker in FLAGTREE_LATER else args.batches
     cudagraphs = mode in ("reduce-overhead", "max-autotune")
     for batch in batches:
         torch._dynamo.reset()
@@ -204,12 +230,17 @@ def worker(args) -> dict:
             decoder = Decoder(lm, batch, args.context + steps + 1, device)
             context = torch.randint(0, vocab, (batch, args.context), device=device)
             first = decoder.prefill(context)[:, -1].argmax(-1, keepdim=True)
-            step = compile_for(mode, decoder.forward, args)
             with torch.no_grad():
                 t0 = time.perf_counter()
+                if args.worker in ("flagtree-precompile", "flagtree-precompiled"):
+                    step = precompiled_step(args, decoder, first, entry)
+                else:
+                    step = compile_for(mode, decoder.forward, args)
                 tokens = run_steps(step, decoder, first, args.context, 1, cudagraphs)
                 synchronize(device)
                 entry["first_call_s"] = round(time.perf_counter() - t0, 3)
+                if mode == "flagtree" and batch == batches[0]:  # the process's first compile: where it went
+                    entry["first_call_parts"] = _first_call_parts(entry["first_call_s"], flagtree_py.report())
                 tokens = run_steps(step, decoder, tokens, args.context + 1, args.warmup, cudagraphs)
                 synchronize(device)
                 t0 = time.perf_counter()
@@ -220,6 +251,8 @@ def worker(args) -> dict:
             entry["tokens_per_s"] = round(batch * args.tokens / elapsed, 1)
             entry["dynamo_graphs"] = _dynamo_graphs() - graphs_before
             entry["cudagraph_skips"] = _cudagraph_skips()
+            if hasattr(step, "fallback_calls"):  # calls the precompiled guards refused: 0 expected
+                entry["fallback_calls"] = step.fallback_calls
             if args.worker in ("flagtree", "reduce-overhead") and batch == max(args.batches):
                 # Inductor's agreement too: with random weights near-tied logits make the figure a
                 # property of bf16 rounding as much as of the compiler; Inductor's is the baseline
@@ -248,6 +281,25 @@ def _guarded(fn, *args) -> dict:
         return fn(*args)
     except Exception as error:  # noqa: BLE001 -- recorded; the other measurements still count
         return {"error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+
+
+def _first_call_parts(first_call_s: float, records: list[dict]) -> dict:
+    """Seconds of the first call by part: Dynamo's trace (`compile_inner` less the backend it calls), the
+    backend (AOTAutograd and flagtree: `phases_s`), and the rest (the first run: Triton's JIT building each
+    kernel at its first launch, CUDA graph capture). A precompiled load traces nothing: no Dynamo part."""
+    from torch._dynamo.utils import compile_times
+
+    times = {k: float(v) for k, v in zip(*compile_times(repr="csv", aggregate=True))}
+    # a precompile's trace is timed as `fullgraph_capture` (torch/_dynamo/aot_compile.py), with the backend in it
+    inner = times.get("_compile.compile_inner", 0.0) or times.get("fullgraph_capture", 0.0)
+    backend = times.get("OutputGraph.call_user_compiler", 0.0)
+    phases: dict = {}
+    for record in records:
+        for name, seconds in record.get("phases_s", {}).items():
+            phases[name] = round(phases.get(name, 0.0) + seconds, 3)
+    return {"dynamo_trace": round(inner - backend, 3), "backend": round(backend, 3), "flagtree_phases": phases,
+            "first_run": round(first_call_s - inner, 3), "cache_path": [r.get("cache_path") for r in records],
+            "triton_compiles": sum(_kernel_compiles().values())}
 
 
 def _cudagraph_skips() -> int:
@@ -593,14 +645,16 @@ def parent(args) -> dict:
     # empty caches (flagtree's, Triton's kernels, Inductor's): every mode's first process compiles cold
     scratch = Path(tempfile.mkdtemp(prefix="flagtree-decode-"))
     environment = {**os.environ, "FLAGTREE_CACHE_DIR": str(scratch / "flagtree"),
+                   "DECODE_PRECOMPILED": str(scratch / "decode_step.precompiled"),
                    "TRITON_CACHE_DIR": str(scratch / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
-    report["caches"] = f"fresh per run under {scratch}; flagtree-warm reuses flagtree's and Triton's"
+    report["caches"] = (f"fresh per run under {scratch}; flagtree-warm and the precompile processes reuse "
+                        "flagtree's and Triton's")
     names = []
     # flagtree (the subject) right after eager (the reference); Inductor last, where the budget may skip it
     for mode in sorted(args.mode_list, key=("eager", "flagtree", "reduce-overhead", "max-autotune").index):
         names.append(mode)
         if mode == "flagtree" and not args.recompiles_only:
-            names.append("flagtree-warm")  # a second process: the same graphs, found in the cache
+            names += FLAGTREE_LATER  # later processes: the same graphs, found in the cache; then precompiled
     for name in names:
         remaining = args.budget_s - (time.perf_counter() - started)
         if remaining <= 0:
@@ -650,9 +704,9 @@ def chart(report: dict, path: Path) -> str | None:
     except ImportError:
         return None
     batches = [str(b) for b in report["batches"]]
-    # flagtree-warm measures compile time; its steps run the same kernels as flagtree's
+    # the later flagtree processes measure compile time; their steps run the same kernels as flagtree's
     modes = [m for m, r in report["modes"].items()
-             if m != "flagtree-warm" and any("ms_per_step" in e for e in r.get("batches", {}).values())]
+             if m not in FLAGTREE_LATER and any("ms_per_step" in e for e in r.get("batches", {}).values())]
     figure, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for axis, batch in zip(axes[0], batches):
         values = [report["modes"][m]["batches"].get(batch, {}).get("ms_per_step", math.nan) for m in modes]

@@ -18,9 +18,14 @@ from flagtree_py.dynamo_link import compile_from_link, link_key, note_capture, s
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes.fuse_attention import route_sdpa_calls
 from flagtree_py.pipeline import safe_compile_graph
+from flagtree_py.precompile import FlagtreeGraph
 from flagtree_py.report import update_record
 
 _GRAPH_IDS = itertools.count()
+#: AOTAutograd's own cache stores Inductor's output code only; torch's precompile forces it on around the
+#: backend (flagtree's precompiled graphs are saved by precompile.py instead)
+_NO_AOTAUTOGRAD_CACHE = {"force_autograd_cache": False, "bundled_autograd_cache": False,
+                         "strict_autograd_cache": False}
 
 
 def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
@@ -28,7 +33,7 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     compile_options = CompileOptions.from_user(options)
     if mode not in (None, "default"):
         raise ValueError(f"flagtree has no mode {mode!r}; pass options={{...}} instead")
-    graph_name = f"graph_{next(_GRAPH_IDS)}"
+    graph_name = next_graph_name()
     entered = time.perf_counter()
     route_sdpa_calls(gm)  # before AOTAutograd: one attention op whatever SDPA backend the device has
     specialize_float_inputs(gm)  # before AOTAutograd: no second Dynamo trace (see the function)
@@ -39,7 +44,7 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         phases["dynamo_key"] = round(time.perf_counter() - entered, 4)
         linked = compile_from_link(key, example_inputs, compile_options, graph_name, phases)
         if linked is not None:
-            return linked
+            return FlagtreeGraph(linked, key, compile_options, graph_name)
         phases.clear()
         phases["dynamo_key"] = round(time.perf_counter() - entered, 4)  # the key and the link looked up
     capture: dict = {}  # what the link written after the compile needs (dynamo_link.py)
@@ -63,19 +68,26 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         # flagtree compiles inference; a backward (training) graph runs as plain aten
         return make_boxed_func(aten_gm.forward)
 
-    compiled = aot_module_simplified(
-        gm,
-        example_inputs,
-        fw_compiler=forward_compiler,
-        bw_compiler=backward_compiler,
-        decompositions=flagtree_decompositions(),
-        keep_inference_input_mutations=True,
-    )
+    with torch._functorch.config.patch(_NO_AOTAUTOGRAD_CACHE):
+        compiled = aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=forward_compiler,
+            bw_compiler=backward_compiler,
+            decompositions=flagtree_decompositions(),
+            keep_inference_input_mutations=True,
+        )
     if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
         phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
     if key is not None and capture:
         write_link(key, compile_options, graph_name, capture, symbols_before, symbolic_state(gm))
-    return compiled
+    # what Dynamo calls; torch's precompile (`aot_compile`) can also save it (precompile.py)
+    return FlagtreeGraph(compiled, key, compile_options, graph_name)
+
+
+def next_graph_name() -> str:
+    """The name of the next graph compiled or loaded in this process (its record's `graph`)."""
+    return f"graph_{next(_GRAPH_IDS)}"
 
 
 class _ShapeGuardWatch:

@@ -108,6 +108,13 @@ def _dynamo_value(value) -> str:
     return _describe(value)
 
 
+#: functorch settings that change no inference graph: AOTAutograd's own cache and backward lowering, which
+#: torch's precompile (`aot_compile`) forces on around the backend; keyed, a precompile would miss the link
+_FUNCTORCH_NOT_KEYED = frozenset({"enable_autograd_cache", "bundled_autograd_cache", "strict_autograd_cache",
+                                  "bypass_autograd_cache_key", "force_autograd_cache",
+                                  "force_non_lazy_backward_lowering"})
+
+
 def dynamo_graph_key(gm, example_inputs: list, target_hash: str, options_hash: str) -> str | None:
     """The key of a *Dynamo* graph (before AOTAutograd) compiled for a target with options, or None when
     the graph holds something its text would not capture (a submodule, an attribute, an opaque argument).
@@ -142,7 +149,8 @@ def dynamo_graph_key(gm, example_inputs: list, target_hash: str, options_hash: s
         ranges, replacements = symbol_ranges_and_replacements(shape_env)
         symbolic = ["ranges " + ranges, "replacements " + replacements,
                     "guards " + repr([str(guard.expr) for guard in shape_env.guards])]
-    functorch = torch._functorch.config.save_config_portable()
+    functorch = {k: v for k, v in torch._functorch.config.save_config_portable().items()
+                 if k not in _FUNCTORCH_NOT_KEYED}
     parts = [
         f"dynamo graph; flagtree {flagtree_py.__version__} {source_hash()}",
         f"torch {torch.__version__} triton {triton.__version__} python {platform.python_version()}",

@@ -25,11 +25,12 @@ def test_decode_smoke(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads(out.read_text())
     assert (report["model"], report["layers"], report["batches"], report["dtype"]) == ("qwen3", 2, [1, 2], "float32")
-    assert set(report["modes"]) == {"eager", "flagtree", "flagtree-warm"}
+    later = {"flagtree-warm", "flagtree-precompile", "flagtree-precompiled"}
+    assert set(report["modes"]) == {"eager", "flagtree"} | later
     assert report["copy_bandwidth_gb_s"] > 0 and all(v > 0 for v in report["roofline_ms"].values())
     for name, mode in report["modes"].items():
         assert "error" not in mode, mode
-        batches = ["1"] if name == "flagtree-warm" else ["1", "2"]
+        batches = ["1"] if name in later else ["1", "2"]
         assert sorted(mode["batches"]) == batches
         for batch, entry in mode["batches"].items():
             assert "error" not in entry, entry.get("traceback")
@@ -43,6 +44,14 @@ def test_decode_smoke(tmp_path):
         assert facts["graph_fallbacks"] == [] and facts["triton_kernels"] > 0
     assert cold["batches"]["1"]["flagtree"]["cache"] == ["miss"]
     assert warm["batches"]["1"]["flagtree"]["cache"] == ["hit"]
+    # precompiled: saved by one process (Dynamo traces, flagtree's cache hits), loaded by the next with no trace
+    saved = report["modes"]["flagtree-precompile"]["batches"]["1"]
+    loaded = report["modes"]["flagtree-precompiled"]["batches"]["1"]
+    assert saved["precompiled_source"] == "compiled" and saved["dynamo_graphs"] == 1 and saved["precompile_s"] > 0
+    assert saved["flagtree"]["cache"] == ["hit"]
+    assert loaded["precompiled_source"] == "loaded" and loaded["load_s"] > 0
+    assert loaded["dynamo_graphs"] == 0 and loaded["fallback_calls"] == 0
+    assert loaded["flagtree"]["cache"] == ["hit"] and loaded["flagtree"]["graph_fallbacks"] == []
     agreement = cold["agreement"]
     assert agreement["positions"] == 2 * 4 and agreement["top1_agreement"] == 1.0
     assert agreement["dynamo_graphs_compiled"] == 0  # the timed step's graph served it

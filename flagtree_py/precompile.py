@@ -1,0 +1,203 @@
+"""Precompiled functions: a warm start with no Dynamo trace (issue 9's "warm <= 2 s").
+
+A warm start through `torch.compile` finds flagtree's compiled graph in the cache (`dynamo_link.py`), but
+Dynamo still traces the model first: about 11 s for Qwen3-8B's 36 layers on the H100's host. torch's
+precompile, `torch.compile(fn, fullgraph=True, ...).aot_compile((args, kwargs))`, saves what Dynamo made
+(the transformed bytecode and the guards) with the backend's compiled graph, and a later process loads it
+with `torch.compiler.load_compiled_function` and traces nothing. The backend's graph must then be a
+`SerializableCallable`: `FlagtreeGraph`, which backend.py returns for every graph.
+
+What `FlagtreeGraph` serializes is small: the Dynamo graph's key, its link to the aten entry (the link a
+cold compile writes, `cache/links.py`) and the compile options. The kernels stay in flagtree's cache, so
+an artifact serves on a machine whose cache holds its entry (this one, or one the entry was moved to with
+`flagtree cache export/import`); a missing entry is a clear error at the first call, never a silent
+recompile. Loading is lazy: the first call binds the entry to the real inputs (parameters colocated as
+the cold compile laid them out), as a hit found from the Dynamo graph does.
+
+`precompiled(fn, args, path)` is the one-call form: it loads `path` when it serves `args`, else precompiles
+`fn` with flagtree and saves it there. Calls whose inputs fail the saved guards (another batch size, say)
+run through a plain `torch.compile(fn, backend="flagtree")`, with one warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from flagtree_py.cache import KernelCache, default_cache_dir
+from flagtree_py.cache.links import GraphLinks
+from flagtree_py.options import CompileOptions
+from flagtree_py.report import update_record
+
+try:  # torch >= 2.10: precompile's protocol for a backend's compiled graph
+    from torch._dynamo.aot_compile_types import SerializableCallable
+except ImportError:  # older torch: graphs still compile; precompiled() says what is missing
+    SerializableCallable = object
+
+ARTIFACT_FORMAT = 1
+
+
+class PrecompileError(RuntimeError):
+    """A precompiled function that cannot be saved or served (the message says why and what to do)."""
+
+
+class FlagtreeGraph(SerializableCallable):
+    """One compiled graph as Dynamo calls it, and what a precompiled artifact keeps of it.
+
+    `call` runs the graph (AOTAutograd's wrapper around flagtree's module, or a linked hit); `key` is the
+    Dynamo graph's key (None: cache off or graph not keyable, so nothing to save). A graph loaded from an
+    artifact has no `call` until its first call binds the cache entry to the inputs."""
+
+    def __init__(self, call: Callable | None, key: str | None, options: CompileOptions, graph_name: str,
+                 link: dict | None = None) -> None:
+        self.call, self.key, self.options, self.graph_name, self.link = call, key, options, graph_name, link
+
+    def __call__(self, *args):
+        if self.call is None:
+            self.call = self._bind(args)
+        return self.call(*args)
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: FlagtreeGraph) -> bytes:
+        link = fn.link or _link_of(fn)
+        options = dataclasses.asdict(fn.options)
+        return json.dumps({"format": ARTIFACT_FORMAT, "flagtree": _version(), "key": fn.key, "link": link,
+                           "options": options, "graph": fn.graph_name}, sort_keys=True).encode()
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> FlagtreeGraph:
+        from flagtree_py.backend import next_graph_name
+
+        state = json.loads(data)
+        if state.get("format") != ARTIFACT_FORMAT:
+            raise PrecompileError(f"flagtree: a precompiled graph of format {state.get('format')!r}; this flagtree "
+                                  f"reads format {ARTIFACT_FORMAT}: precompile again")
+        options = dict(state["options"])
+        if options.get("cuda_graph_sizes") is not None:
+            options["cuda_graph_sizes"] = tuple(options["cuda_graph_sizes"])
+        return cls(None, state["key"], CompileOptions(**options), next_graph_name(), link=state["link"])
+
+    def _bind(self, args: tuple) -> Callable:
+        """The cache entry bound to this first call's inputs (see the module): or a PrecompileError."""
+        from flagtree_py.dynamo_link import inputs_alias, linked_callable
+        from flagtree_py.pipeline import load_linked_entry
+
+        inputs = list(args)
+        cache_dir = self.options.cache_dir or default_cache_dir()
+        if inputs_alias(inputs, self.link["written"]):
+            raise PrecompileError("flagtree: this call passes one tensor twice, or tensors sharing storage with "
+                                  "one the graph writes; the precompiled graph was compiled without: use "
+                                  "torch.compile for such calls")
+        phases: dict = {}
+        started = time.perf_counter()
+        call = load_linked_entry(self.link["aten_key"], self.link, inputs, self.options, self.graph_name, phases)
+        if call is None:
+            raise PrecompileError(
+                f"flagtree: the precompiled graph needs cache entry {self.link['aten_key']} in {cache_dir}, and it "
+                "is not there or not intact (removed, evicted, or the artifact came from another machine: "
+                "`flagtree cache export` / `import` move entries); precompile again")
+        update_record(self.graph_name, {"cache_path": "precompiled", "dynamo_key": self.key,
+                                        "compile_s": round(time.perf_counter() - started, 4)})
+        return linked_callable(call, self.link["mutated_seen_by_autograd"])
+
+
+def _link_of(fn: FlagtreeGraph) -> dict:
+    """The link a cold compile wrote for this graph, or a PrecompileError saying why there is none."""
+    if fn.key is None:
+        raise PrecompileError("flagtree: this graph has no Dynamo-graph key (the cache is off, or the graph "
+                              "cannot be keyed): it cannot be precompiled; compile with the cache on")
+    cache = KernelCache(fn.options.cache_dir or default_cache_dir())
+    link = GraphLinks(cache.directory).get(fn.key) if cache.usable() else None
+    if link is None:
+        from flagtree_py.report import report
+
+        why = next((r.get("link") for r in reversed(report()) if r.get("graph") == fn.graph_name), None)
+        raise PrecompileError(f"flagtree: graph {fn.graph_name} cannot be precompiled: its cold compile wrote no "
+                              f"link to its cache entry ({why or 'no link in the cache'})")
+    return link
+
+
+def _version() -> str:
+    from flagtree_py import __version__
+
+    return __version__
+
+
+def serializable_guards(entries: Sequence) -> list[bool]:
+    """A `guard_filter_fn` for precompiling: keeps the guards torch can save (tensor metadata, sizes,
+    constants of the inputs and the module's attributes) and drops the ones it cannot: identities of
+    classes, functions and closures, dict versions, and guards on module globals (transformers'
+    registries). Those hold for the same code in a new process; the artifact is for the same code."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [not (entry.is_global or entry.guard_type in unsupported
+                 or unsupported.intersection(entry.derived_guard_types)) for entry in entries]
+
+
+class PrecompiledFunction:
+    """`fn` served from a precompiled artifact; calls its guards refuse run through torch.compile."""
+
+    def __init__(self, loaded, fn: Callable, bound: tuple, options: dict | None, dynamic: bool | None,
+                 source: str) -> None:
+        self.loaded, self.fn, self.bound, self.source = loaded, fn, bound, source
+        self.options, self.dynamic = options, dynamic
+        self.fallback_calls = 0
+        self._fallback: Callable | None = None
+        loaded.disable_guard_check()  # checked here, once per call, to choose the fallback instead of raising
+
+    def __call__(self, *args, **kwargs):
+        if self.loaded.guard_check(*self.bound, *args, **kwargs):
+            return self.loaded(*self.bound, *args, **kwargs)
+        if self._fallback is None:
+            reason = self.loaded._artifacts.guard_manager.check_verbose(
+                self.loaded.prepare_f_locals(*self.bound, *args, **kwargs))
+            warnings.warn(f"flagtree: a call the precompiled function does not serve ({_short(reason)}); such calls "
+                          "compile through torch.compile", stacklevel=2)
+            self._fallback = torch.compile(self.fn, backend="flagtree", dynamic=self.dynamic, options=self.options)
+        self.fallback_calls += 1
+        return self._fallback(*args, **kwargs)
+
+
+def _short(reason) -> str:
+    text = " ".join(str(getattr(reason, "verbose_code_parts", reason)).split())
+    return text[:300]
+
+
+def precompiled(fn: Callable, args: tuple, path: str | os.PathLike, *, kwargs: dict | None = None,
+                options: dict | None = None, dynamic: bool | None = None, save: bool = True) -> PrecompiledFunction:
+    """`fn` (a function, a bound method or an nn.Module) compiled by flagtree for calls like `fn(*args,
+    **kwargs)`, from the artifact at `path` when there is one, else precompiled now and saved there.
+    The returned function's `source` says which: "loaded" or "compiled"."""
+    if not hasattr(torch.compiler, "load_compiled_function"):
+        raise PrecompileError(f"flagtree: precompiling needs torch >= 2.10 (this is {torch.__version__})")
+    fn = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    bound = (fn.__self__,) if hasattr(fn, "__self__") and not isinstance(fn, functools.partial) else ()
+    path = Path(path)
+    kwargs = kwargs or {}
+    if path.is_file():
+        try:
+            with open(path, "rb") as file:
+                loaded = torch.compiler.load_compiled_function(file)
+        except Exception as error:  # noqa: BLE001 -- another torch, flagtree or format: precompile again
+            warnings.warn(f"flagtree: {path} could not be loaded ({type(error).__name__}: {_short(error)}); "
+                          "precompiling again", stacklevel=2)
+        else:
+            return PrecompiledFunction(loaded, fn, bound, options, dynamic, "loaded")
+    torch_options = {**(options or {}), "guard_filter_fn": serializable_guards}
+    # torch 2.11 attaches `aot_compile` to the compiled function only with this flag (on by default later)
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        compiled = torch.compile(fn, backend="flagtree", fullgraph=True, dynamic=dynamic, options=torch_options)
+    artifact = compiled.aot_compile((tuple(args), kwargs))
+    if save:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        artifact.save_compiled_function(str(path))
+    return PrecompiledFunction(artifact, fn, bound, options, dynamic, "compiled")

@@ -1,0 +1,109 @@
+"""Precompiled functions (flagtree_py/precompile.py): torch's `aot_compile` with flagtree's graphs, loaded in a
+new process with no Dynamo trace, matching eager; and the clear errors and fallbacks around it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flagtree_py
+from flagtree_py.precompile import PrecompileError, precompiled
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.compiler, "load_compiled_function"),
+                                reason="torch's precompile needs torch >= 2.10")
+
+STEP_SCRIPT = Path(__file__).with_name("precompile_step.py")
+
+
+def _fresh_process_state() -> None:
+    torch._dynamo.reset()
+    flagtree_py.clear_report()
+
+
+class _Affine(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.weight) + 1.0
+
+
+def _options(cache_dir: Path, **extra) -> dict:
+    return {"target": "interpreter", "cache_dir": str(cache_dir), **extra}
+
+
+@pytest.mark.slow
+def test_a_precompiled_decode_step_serves_a_new_process_without_a_dynamo_trace(tmp_path):
+    from precompile_step import decode_steps
+
+    artifact, cache_dir = tmp_path / "step.bin", tmp_path / "cache"
+    _fresh_process_state()
+    cold = decode_steps(str(artifact), str(cache_dir))
+    assert cold["source"] == "compiled" and artifact.is_file()
+    assert cold["dynamo_graphs"] == 1 and cold["records"][0]["link"] == "written"
+    assert cold["max_abs_error"] < 1e-4
+
+    run = subprocess.run([sys.executable, str(STEP_SCRIPT), str(artifact), str(cache_dir)], capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    warm = json.loads(run.stdout.strip().splitlines()[-1])
+    assert warm["source"] == "loaded"
+    assert warm["dynamo_graphs"] == 0  # Dynamo traced nothing: its bytecode and guards came from the artifact
+    assert warm["records"] == [{"cache": "hit", "cache_path": "precompiled", "link": None}]
+    assert warm["fallback_calls"] == 0
+    assert warm["max_abs_error"] < 1e-4  # three greedy steps against eager, the KV cache written by the graph
+
+
+def test_calls_the_saved_guards_refuse_run_through_torch_compile(tmp_path):
+    model = _Affine().eval()
+    with torch.no_grad():
+        served = precompiled(model, (torch.randn(2, 16),), tmp_path / "affine.bin", options=_options(tmp_path))
+        _fresh_process_state()
+        loaded = precompiled(model, (torch.randn(2, 16),), tmp_path / "affine.bin", options=_options(tmp_path))
+        assert (served.source, loaded.source) == ("compiled", "loaded")
+        x = torch.randn(2, 16)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+        assert loaded.fallback_calls == 0
+        wider = torch.randn(5, 16)  # the saved graph is static: size 2 guarded
+        with pytest.warns(UserWarning, match="does not serve"):
+            out = loaded(wider)
+        torch.testing.assert_close(out, model(wider), rtol=1e-5, atol=1e-5)
+        assert loaded.fallback_calls == 1
+
+
+def test_a_missing_cache_entry_is_a_clear_error_at_the_first_call(tmp_path):
+    model = _Affine().eval()
+    cache_dir = tmp_path / "cache"
+    with torch.no_grad():
+        precompiled(model, (torch.randn(2, 16),), tmp_path / "affine.bin", options=_options(cache_dir))
+        shutil.rmtree(cache_dir)
+        _fresh_process_state()
+        loaded = precompiled(model, (torch.randn(2, 16),), tmp_path / "affine.bin", options=_options(cache_dir))
+        with pytest.raises(PrecompileError, match="needs cache entry [0-9a-f]+ in .*precompile again"):
+            loaded(torch.randn(2, 16))
+
+
+def test_a_graph_compiled_without_the_cache_cannot_be_saved(tmp_path):
+    with torch.no_grad(), pytest.raises(PrecompileError, match="no Dynamo-graph key"):
+        precompiled(_Affine().eval(), (torch.randn(2, 16),), tmp_path / "affine.bin",
+                    options=_options(tmp_path, cache=False))
+    assert not (tmp_path / "affine.bin").exists()
+
+
+def test_an_unreadable_artifact_is_compiled_again_with_a_warning(tmp_path):
+    artifact = tmp_path / "affine.bin"
+    artifact.write_bytes(b"not an artifact")
+    model = _Affine().eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="could not be loaded"):
+        served = precompiled(model, (torch.randn(2, 16),), artifact, options=_options(tmp_path))
+    assert served.source == "compiled"
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), model(x), rtol=1e-5, atol=1e-5)
