@@ -14,9 +14,10 @@ an artifact serves on a machine whose cache holds its entry (this one, or one th
 recompile. Loading is lazy: the first call binds the entry to the real inputs (parameters colocated as
 the cold compile laid them out), as a hit found from the Dynamo graph does.
 
-`precompiled(fn, args, path)` is the one-call form: it loads `path` when it serves `args`, else precompiles
-`fn` with flagtree and saves it there. Calls whose inputs fail the saved guards (another batch size, say)
-run through a plain `torch.compile(fn, backend="flagtree")`, with one warning.
+`precompiled(fn, args, path)` is the one-call form: it loads `path` when there is one, else precompiles `fn`
+with flagtree and saves it there. An artifact it cannot read (another torch or flagtree), or whose cache entry
+is gone at the first call, is precompiled again, with a warning. Calls whose inputs fail the saved guards
+(another batch size, say) run through a plain `torch.compile(fn, backend="flagtree")`, with one warning.
 """
 
 from __future__ import annotations
@@ -144,24 +145,69 @@ def serializable_guards(entries: Sequence) -> list[bool]:
 
 
 class PrecompiledFunction:
-    """`fn` served from a precompiled artifact; calls its guards refuse run through torch.compile."""
+    """`fn` served from a precompiled artifact (see `precompiled`)."""
 
-    def __init__(self, loaded, fn: Callable, bound: tuple, options: dict | None, dynamic: bool | None,
-                 source: str) -> None:
-        self.loaded, self.fn, self.bound, self.source = loaded, fn, bound, source
-        self.options, self.dynamic = options, dynamic
+    def __init__(self, fn: Callable, path: Path, options: dict | None, dynamic: bool | None, save: bool) -> None:
+        self.fn, self.path, self.options, self.dynamic, self.save = fn, path, options, dynamic, save
+        self.bound = (fn.__self__,) if hasattr(fn, "__self__") and not isinstance(fn, functools.partial) else ()
+        self.source = "none"  # "loaded" from path, or "compiled" here
+        self.loaded = None
         self.fallback_calls = 0
         self._fallback: Callable | None = None
-        loaded.disable_guard_check()  # checked here, once per call, to choose the fallback instead of raising
+        self._served = False  # whether the artifact ran a call (its cache entry bound)
+
+    def load(self) -> bool:
+        """Load the artifact at `path`; False (with a warning) when it cannot be read by this torch/flagtree."""
+        try:
+            with open(self.path, "rb") as file:
+                loaded = torch.compiler.load_compiled_function(file)
+        except Exception as error:  # noqa: BLE001 -- another torch, flagtree or format: precompile again
+            warnings.warn(f"flagtree: {self.path} could not be loaded ({type(error).__name__}: {_short(error)}); "
+                          "precompiling again", stacklevel=3)
+            return False
+        self._use(loaded, "loaded")
+        return True
+
+    def precompile(self, args: tuple, kwargs: dict) -> None:
+        """Trace and compile `fn` for calls like these (Dynamo runs; flagtree's cache may hit), and save it."""
+        torch_options = {**(self.options or {}), "guard_filter_fn": serializable_guards}
+        # torch 2.11 attaches `aot_compile` to the compiled function only with this flag (on by default later)
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            compiled = torch.compile(self.fn, backend="flagtree", fullgraph=True, dynamic=self.dynamic,
+                                     options=torch_options)
+        artifact = compiled.aot_compile((tuple(args), kwargs))
+        if self.save:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            artifact.save_compiled_function(str(self.path))
+        self._use(artifact, "compiled")
+
+    def _use(self, loaded, source: str) -> None:
+        loaded.disable_guard_check()  # checked in __call__, once per call, to choose the fallback instead of raising
+        self.loaded, self.source, self._served = loaded, source, False
 
     def __call__(self, *args, **kwargs):
-        if self.loaded.guard_check(*self.bound, *args, **kwargs):
+        if not self.loaded.guard_check(*self.bound, *args, **kwargs):
+            return self._compiled_call(args, kwargs)
+        if self._served:
             return self.loaded(*self.bound, *args, **kwargs)
+        try:  # the first call binds flagtree's cache entry: it may be gone since the artifact was saved
+            result = self.loaded(*self.bound, *args, **kwargs)
+        except PrecompileError as error:
+            if self.source != "loaded":
+                raise
+            warnings.warn(f"{error}; precompiling again", stacklevel=2)
+            self.precompile(args, kwargs)
+            result = self.loaded(*self.bound, *args, **kwargs)
+        self._served = True
+        return result
+
+    def _compiled_call(self, args: tuple, kwargs: dict):
+        """A call the saved guards refuse (another batch size, say): through a plain torch.compile."""
         if self._fallback is None:
             reason = self.loaded._artifacts.guard_manager.check_verbose(
                 self.loaded.prepare_f_locals(*self.bound, *args, **kwargs))
             warnings.warn(f"flagtree: a call the precompiled function does not serve ({_short(reason)}); such calls "
-                          "compile through torch.compile", stacklevel=2)
+                          "compile through torch.compile", stacklevel=3)
             self._fallback = torch.compile(self.fn, backend="flagtree", dynamic=self.dynamic, options=self.options)
         self.fallback_calls += 1
         return self._fallback(*args, **kwargs)
@@ -176,28 +222,12 @@ def precompiled(fn: Callable, args: tuple, path: str | os.PathLike, *, kwargs: d
                 options: dict | None = None, dynamic: bool | None = None, save: bool = True) -> PrecompiledFunction:
     """`fn` (a function, a bound method or an nn.Module) compiled by flagtree for calls like `fn(*args,
     **kwargs)`, from the artifact at `path` when there is one, else precompiled now and saved there.
-    The returned function's `source` says which: "loaded" or "compiled"."""
+    The returned function's `source` says which: "loaded" or "compiled". An artifact this torch or flagtree
+    cannot read, or whose cache entry is gone at the first call, is precompiled again (with a warning)."""
     if not hasattr(torch.compiler, "load_compiled_function"):
         raise PrecompileError(f"flagtree: precompiling needs torch >= 2.10 (this is {torch.__version__})")
     fn = fn.forward if isinstance(fn, torch.nn.Module) else fn
-    bound = (fn.__self__,) if hasattr(fn, "__self__") and not isinstance(fn, functools.partial) else ()
-    path = Path(path)
-    kwargs = kwargs or {}
-    if path.is_file():
-        try:
-            with open(path, "rb") as file:
-                loaded = torch.compiler.load_compiled_function(file)
-        except Exception as error:  # noqa: BLE001 -- another torch, flagtree or format: precompile again
-            warnings.warn(f"flagtree: {path} could not be loaded ({type(error).__name__}: {_short(error)}); "
-                          "precompiling again", stacklevel=2)
-        else:
-            return PrecompiledFunction(loaded, fn, bound, options, dynamic, "loaded")
-    torch_options = {**(options or {}), "guard_filter_fn": serializable_guards}
-    # torch 2.11 attaches `aot_compile` to the compiled function only with this flag (on by default later)
-    with torch._dynamo.config.patch(enable_aot_compile=True):
-        compiled = torch.compile(fn, backend="flagtree", fullgraph=True, dynamic=dynamic, options=torch_options)
-    artifact = compiled.aot_compile((tuple(args), kwargs))
-    if save:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        artifact.save_compiled_function(str(path))
-    return PrecompiledFunction(artifact, fn, bound, options, dynamic, "compiled")
+    served = PrecompiledFunction(fn, Path(path), options, dynamic, save)
+    if not (served.path.is_file() and served.load()):
+        served.precompile(tuple(args), kwargs or {})
+    return served

@@ -78,16 +78,30 @@ def test_calls_the_saved_guards_refuse_run_through_torch_compile(tmp_path):
         assert loaded.fallback_calls == 1
 
 
-def test_a_missing_cache_entry_is_a_clear_error_at_the_first_call(tmp_path):
+def test_a_missing_cache_entry_is_a_clear_error_or_a_new_precompile(tmp_path):
     model = _Affine().eval()
-    cache_dir = tmp_path / "cache"
+    cache_dir, artifact = tmp_path / "cache", tmp_path / "affine.bin"
     with torch.no_grad():
-        precompiled(model, (torch.randn(2, 16),), tmp_path / "affine.bin", options=_options(cache_dir))
+        precompiled(model, (torch.randn(2, 16),), artifact, options=_options(cache_dir))
         shutil.rmtree(cache_dir)
         _fresh_process_state()
-        loaded = precompiled(model, (torch.randn(2, 16),), tmp_path / "affine.bin", options=_options(cache_dir))
+        with open(artifact, "rb") as file:  # torch's own loader: the first call names the entry and what to do
+            loaded = torch.compiler.load_compiled_function(file)
         with pytest.raises(PrecompileError, match="needs cache entry [0-9a-f]+ in .*precompile again"):
-            loaded(torch.randn(2, 16))
+            loaded(model, torch.randn(2, 16))
+
+        _fresh_process_state()
+        served = precompiled(model, (torch.randn(2, 16),), artifact, options=_options(cache_dir))
+        assert served.source == "loaded"
+        x = torch.randn(2, 16)
+        with pytest.warns(UserWarning, match="needs cache entry .*precompiling again"):
+            out = served(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+        assert served.source == "compiled" and artifact.is_file()
+        _fresh_process_state()  # what was saved again serves the next process
+        again = precompiled(model, (torch.randn(2, 16),), artifact, options=_options(cache_dir))
+        torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-5)
+        assert again.source == "loaded" and flagtree_py.report()[-1]["cache_path"] == "precompiled"
 
 
 def test_a_graph_compiled_without_the_cache_cannot_be_saved(tmp_path):
