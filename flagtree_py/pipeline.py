@@ -16,11 +16,12 @@
     run                     the generated `call(args)` wrapper
     cache                   the module is stored under a content key; a later compile of the
                             same graph (any process) imports it: no passes, no code generation
+
+What each compile reports (`flagtree_py.report()`) and what its cache entry keeps to be read: compile_record.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 import warnings
@@ -32,8 +33,9 @@ import torch.fx
 from flagtree_py.cache import KernelCache, cache_key, default_cache_dir
 from flagtree_py.cache.externs import extern_import_paths, resolve_import_paths
 from flagtree_py.cache.store import AUTOTUNE_FILE
-from flagtree_py.codegen.lowerings import is_gemm_or_attention
 from flagtree_py.codegen.wrapper import ModuleWriter, mutates_first_argument
+from flagtree_py.compile_record import (PhaseClock, cacheable_record, dump_graph_texts, fusions_split, graph_statistics,
+                                        new_record, partition_text, record_callbacks, toolchain_versions)
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
 from flagtree_py.passes.decompose_batched_gemv import decompose_batched_gemv
@@ -57,10 +59,9 @@ from flagtree_py.passes.reinplace_cache_writes import reinplace_cache_writes
 from flagtree_py.passes.remove_noop_views import remove_noop_views
 from flagtree_py.report import add_record
 from flagtree_py.runtime.autotune import GemmTuner, attach_tuner
-from flagtree_py.runtime.check import KernelErrors
 from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
 from flagtree_py.runtime.loader import bind_kernels, load_module
-from flagtree_py.runtime.merged_weights import colocate, merged_weight
+from flagtree_py.runtime.merged_weights import colocate
 from flagtree_py.targets import select_target
 
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
@@ -98,12 +99,12 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     `phases`: seconds the caller spent before (backend.py: AOTAutograd's capture), kept in the record.
     """
     start = time.perf_counter()
-    phase = _PhaseClock(phases)
+    phase = PhaseClock(phases)
     device_type = _device_type(example_inputs)
     target, reason = select_target(options.target, device_type)
     ctx = PassContext(options, parameters=_real_parameters(gm, real_inputs))
-    record = _new_record(graph_name, target, reason, device_type, phase, ctx.counters)
-    on_failure, on_compile, on_check = _record_callbacks(record, options)
+    record = new_record(graph_name, target, reason, device_type, phase, ctx.counters)
+    on_failure, on_compile, on_check = record_callbacks(record, options)
 
     graph_inputs = _graph_inputs(gm.graph)  # before the passes: what CUDA graph replay must know
     cache = KernelCache(options.cache_dir or default_cache_dir()) if options.cache else None
@@ -146,12 +147,12 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
                  poison=options.poison_outputs, on_compile=on_compile, on_check=on_check,
                  content_binaries=_content_binaries(cache, device_type, record))
     phase.done("import")
-    partition_text = _partition_text(partition)
+    listing = partition_text(partition)
     if options.dump_dir:
-        _dump(Path(options.dump_dir), graph_name, str(graph), partition_text)
+        dump_graph_texts(Path(options.dump_dir), graph_name, str(graph), listing)
 
-    record.update(_statistics(graph, partition, generated))
-    record["fusions_split"] = _fusions_split(graph, partition)
+    record.update(graph_statistics(graph, partition, generated))
+    record["fusions_split"] = fusions_split(graph, partition)
     phase.done("statistics")
     record["module_path"] = str(path)
     record["compile_s"] = round(time.perf_counter() - start, 4)
@@ -163,9 +164,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
             stored = cache.store(key, generated.source, {
                 "graph": graph_name, "target": target.name, "target_hash": target.hash(),
                 "kernels": [k.name for k in generated.kernels], "externs": externs,
-                "constants": generated.constant_targets, "record": _cacheable(record),
+                "constants": generated.constant_targets, "record": cacheable_record(record),
                 "colocated_inputs": colocated,
-                "aten_graph": str(graph), "partition": partition_text, "versions": _versions(),
+                "aten_graph": str(graph), "partition": listing, "versions": toolchain_versions(),
             })
             if stored is not None:
                 cache.evict(options.cache_max_bytes)
@@ -184,7 +185,7 @@ def load_linked_entry(aten_key: str, link: dict, example_inputs: list, options: 
     order, and that the entry needs no constant of the graph; this checks the entry like any hit and
     returns None (the caller compiles in full) when it is missing, damaged or needs constants after all."""
     start = time.perf_counter()
-    phase = _PhaseClock(phases)
+    phase = PhaseClock(phases)
     device_type = _device_type(example_inputs)
     target, reason = select_target(options.target, device_type)
     cache = KernelCache(options.cache_dir or default_cache_dir())
@@ -192,9 +193,9 @@ def load_linked_entry(aten_key: str, link: dict, example_inputs: list, options: 
     phase.done("cache_lookup")
     if entry is None or entry.meta.get("constants") or len(example_inputs) != link["inputs"]:
         return None
-    record = _new_record(graph_name, target, reason, device_type, phase, {})
+    record = new_record(graph_name, target, reason, device_type, phase, {})
     record.update(cache_key=aten_key, cache_path="dynamo_graph")
-    on_failure, on_compile, on_check = _record_callbacks(record, options)
+    on_failure, on_compile, on_check = record_callbacks(record, options)
     _colocate(entry.meta.get("colocated_inputs", []),
               [value if isinstance(value, torch.nn.Parameter) else None for value in example_inputs])
     call = _load_cached(entry, None, record, options, device_type, graph_name, start, on_failure, on_compile, cache,
@@ -208,21 +209,6 @@ def load_linked_entry(aten_key: str, link: dict, example_inputs: list, options: 
 def graph_inputs_of(gm: torch.fx.GraphModule) -> dict:
     """What CUDA graph replay must know of an aten graph's inputs (for a link: `load_linked_entry`)."""
     return _graph_inputs(gm.graph)
-
-
-class _PhaseClock:
-    """Wall seconds of consecutive compile phases: `done(name)` closes the phase that just ran."""
-
-    def __init__(self, before: dict | None) -> None:
-        # the caller's dict itself: backend.py adds what AOTAutograd does after the compile returns
-        self.seconds = before if before is not None else {}
-        self.seconds.update({name: round(value, 4) for name, value in self.seconds.items()})
-        self.last = time.perf_counter()
-
-    def done(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 4)
-        self.last = now
 
 
 def _graph_inputs(graph: torch.fx.Graph) -> dict:
@@ -273,35 +259,6 @@ def _placeholder_positions(gm: torch.fx.GraphModule, nodes) -> list[int]:
     return [i for i, n in enumerate(placeholders) if n in nodes]
 
 
-def _new_record(graph_name: str, target, reason: str, device_type: str, phase: _PhaseClock, passes: dict) -> dict:
-    return {
-        "graph": graph_name,
-        "target": target.name,
-        "target_vendor": target.vendor,
-        "target_reason": reason,
-        "executor": "triton" if device_type == "cuda" else "interpreter",
-        "passes": passes,
-        "kernel_failures": [],
-        # builds of this graph's kernels by triton.compile: JIT first launches on a GPU (later, at run
-        # time); always 0 under the interpreter, which compiles nothing; 0 for kernels whose binary
-        # comes from the cache entry
-        "triton_compiles": 0,
-        # wall seconds per compile phase, in order (benchmarks/compile_time.py reads them)
-        "phases_s": phase.seconds,
-    }
-
-
-def _record_callbacks(record: dict, options: CompileOptions):
-    """(on_failure, on_compile, on_check) of the loaded kernels, writing into `record`."""
-    def on_failure(kernel: str, error: str) -> None:
-        record["kernel_failures"].append({"kernel": kernel, "error": error})
-
-    def on_compile(kernel: str) -> None:
-        record["triton_compiles"] += 1
-
-    return on_failure, on_compile, (KernelErrors(record) if options.check_kernels else None)
-
-
 def _parameters_by_position(gm: torch.fx.GraphModule, parameters: dict) -> list:
     """The real parameter behind each placeholder, None where there is none."""
     return [parameters.get(n) for n in gm.graph.nodes if n.op == "placeholder"]
@@ -332,7 +289,7 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     record["binaries_loaded"] = sorted(binaries)
     _attach_tuner(module, meta["kernels"], options, cache, entry.key, entry.autotune_winners())
     if options.dump_dir:
-        _dump(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
+        dump_graph_texts(Path(options.dump_dir), graph_name, meta["aten_graph"], meta["partition"])
     record.update(meta["record"])
     record.update({"cache": "hit", "kernels_generated": 0, "module_path": str(path), "kernel_failures": [],
                    "compile_s": round(time.perf_counter() - start, 4)})
@@ -354,27 +311,6 @@ def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, sto
 
     tuner = GemmTuner(options.autotune, options.autotune_budget_s, stored, persist)
     attach_tuner(module, kernel_names, tuner)
-
-
-_CACHED_FIELDS = ("triton_kernels", "kernels_distinct", "kernels_without_sharing", "lowered_nodes", "work_nodes", "work_nodes_in_kernels", "lowered_fraction",
-                  "views_folded", "views_in_wrapper", "extern_ops", "codegen_fallbacks", "kernel_checks", "dynamic_symbols",
-                  "kernels", "fusions_split", "passes")
-
-
-def _cacheable(record: dict) -> dict:
-    return {k: record[k] for k in _CACHED_FIELDS if k in record} | {"compile_s_cold": record["compile_s"]}
-
-
-def _versions() -> dict:
-    """The toolchain in the key, readable: why an entry built elsewhere is not hit here."""
-    import platform
-
-    import triton
-
-    import flagtree_py
-
-    return {"flagtree": flagtree_py.__version__, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version()}
 
 
 def _content_binaries(cache, device_type: str, record: dict):
@@ -404,81 +340,6 @@ def _device_type(example_inputs) -> str:
         if isinstance(value, torch.Tensor):
             return value.device.type
     return "cpu"
-
-
-def _statistics(graph: torch.fx.Graph, partition, generated) -> dict:
-    """What ran where. "Work" is every computing node except GEMMs and attention (views are
-    metadata, not work: they are counted apart, as folded into kernel indexing or not)."""
-    kinds = partition.kinds
-    failed = {f["group"] for f in generated.codegen_fallbacks}
-    in_kernels = {n for n in graph.nodes if n.name in generated.template_nodes}
-    for group in partition.groups:
-        if group.name not in failed:
-            in_kernels |= group.members
-    calls = [n for n in graph.nodes if n.op == "call_function" and kinds[n] not in ("symbolic",)]
-    # merged_weight returns a view of colocated parameters: layout, not work
-    work = [n for n in calls if kinds[n] != "view" and not is_gemm_or_attention(n)
-            and str(n.target) != "<built-in function getitem>" and n.target is not merged_weight]
-    views = [n for n in calls if kinds[n] == "view"]
-    wrapper_source = generated.source.split("\ndef call(args):", 1)[-1]
-    emitted_views = [n for n in views if f"    {n.name} = " in wrapper_source]
-    lowered = [n for n in work if n in in_kernels]
-    symbols = sorted({str(s) for n in graph.nodes if n.op == "placeholder" for s in _symbols(n)})
-    return {
-        # the module's @triton.jit kernels: groups of the same structure (one per layer) launch one kernel
-        "triton_kernels": len(generated.kernels),
-        "kernels_distinct": len(generated.kernels),
-        # what one kernel per group would have made (attention kernels were always one per shape)
-        "kernels_without_sharing": sum(max(1, len(k.groups)) for k in generated.kernels),
-        "lowered_nodes": generated.lowered_nodes,
-        "work_nodes": len(work),
-        "work_nodes_in_kernels": len(lowered),
-        "lowered_fraction": round(len(lowered) / len(work), 4) if work else 1.0,
-        "views_folded": len(views) - len(emitted_views),
-        "views_in_wrapper": len(emitted_views),
-        "extern_ops": generated.extern_ops,
-        "codegen_fallbacks": generated.codegen_fallbacks,
-        "kernel_checks": generated.kernel_checks,
-        "dynamic_symbols": symbols,
-        "kernels": [dataclasses.asdict(k) | {"source": None} for k in generated.kernels],
-    }
-
-
-def _fusions_split(graph: torch.fx.Graph, partition) -> list[str]:
-    """Stamped pattern instances whose computing nodes did not all land in one kernel."""
-    instances: dict = {}
-    for node in graph.nodes:
-        if "fusion" in node.meta and partition.kinds.get(node) != "view":
-            instances.setdefault(node.meta["fusion"], set()).add(partition.group_of.get(node))
-    return sorted(f"{pattern}#{i}" for (pattern, i), groups in instances.items() if len(groups) != 1 or None in groups)
-
-
-def _symbols(node) -> set:
-    val = node.meta.get("val")
-    if isinstance(val, torch.SymInt):
-        return set(val.node.expr.free_symbols)
-    if isinstance(val, torch.Tensor):
-        found = set()
-        for size in val.shape:
-            if isinstance(size, torch.SymInt):
-                found |= set(size.node.expr.free_symbols)
-        return found
-    return set()
-
-
-def _partition_text(partition) -> str:
-    lines = []
-    for group in partition.groups:
-        roles = ", ".join(f"{n.name}:{r}" for n, r in group.stores())
-        lines.append(f"{group.name}: shape={tuple(map(str, group.full_shape))} rdims={group.rdims} stores=[{roles}]")
-        lines.append("    " + " ".join(n.name for n in group.ordered_members()))
-    return "\n".join(lines) + "\n"
-
-
-def _dump(directory: Path, graph_name: str, graph_text: str, partition_text: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{graph_name}.aten.txt").write_text(graph_text)
-    (directory / f"{graph_name}.partition.txt").write_text(partition_text)
 
 
 def safe_compile_graph(gm, example_inputs, options: CompileOptions, graph_name: str, real_inputs: list | None = None,
