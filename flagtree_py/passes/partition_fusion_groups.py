@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from flagtree_py.codegen import indexing
-from flagtree_py.codegen.gemm import gemm_operands
+from flagtree_py.codegen.gemm_spec import gemm_operands
 from flagtree_py.codegen.lowerings import classify, reduction_dims
 
 
