@@ -30,9 +30,9 @@ class GemmConfig:
     a second kernel adds in a fixed order (deterministic, unlike atomics).
 
     On targets with TMA, the large bucket's kernel loads through tensor descriptors where the operands'
-    layout allows it (codegen/gemm.py, `<name>_tma`); there `persistent` runs one program per
-    multiprocessor walking the tiles, and `warp_specialize` asks Triton to split those programs into
-    loading and computing warps. Elsewhere both are ignored.
+    layout allows it (codegen/gemm_spec.py decides, codegen/gemm.py launches `<name>_tma`); there
+    `persistent` runs one program per multiprocessor walking the tiles, and `warp_specialize` asks
+    Triton to split those programs into loading and computing warps. Elsewhere both are ignored.
     """
 
     BLOCK_M: int
