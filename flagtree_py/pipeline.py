@@ -33,7 +33,8 @@ from flagtree_py.cache import KernelCache, cache_key, default_cache_dir
 from flagtree_py.cache.externs import extern_import_paths, resolve_import_paths
 from flagtree_py.cache.store import AUTOTUNE_FILE
 from flagtree_py.codegen.lowerings import is_gemm_or_attention
-from flagtree_py.codegen.wrapper import ModuleWriter, mutates_first_argument
+from flagtree_py.codegen.step_order import mutates_first_argument
+from flagtree_py.codegen.wrapper import ModuleWriter
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes import PassContext
 from flagtree_py.passes.decompose_batched_gemv import decompose_batched_gemv
