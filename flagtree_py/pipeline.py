@@ -33,7 +33,8 @@ import torch.fx
 from flagtree_py.cache import KernelCache, cache_key, default_cache_dir
 from flagtree_py.cache.externs import extern_import_paths, resolve_import_paths
 from flagtree_py.cache.store import AUTOTUNE_FILE
-from flagtree_py.codegen.wrapper import ModuleWriter, mutates_first_argument
+from flagtree_py.codegen.step_order import mutates_first_argument
+from flagtree_py.codegen.wrapper import ModuleWriter
 from flagtree_py.compile_record import (PhaseClock, cacheable_record, dump_graph_texts, fusions_split, graph_statistics,
                                         new_record, partition_text, record_callbacks, toolchain_versions)
 from flagtree_py.options import CompileOptions

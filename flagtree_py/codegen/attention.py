@@ -160,7 +160,7 @@ class AttentionWriter:
                 if record.name in (kernel.name, kernel.combine_name):
                     record.nodes.append(node.name)
             return kernel
-        from flagtree_py.codegen.wrapper import KernelRecord, render_template
+        from flagtree_py.codegen.group_kernels import KernelRecord, render_template
 
         name = f"k_attention{len(self.kernels)}_{path}"
         cast, precision = dot_forms(dtype, self.writer.target)

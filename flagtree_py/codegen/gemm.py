@@ -210,7 +210,7 @@ def reduce_fallback_source(spec: GemmSpec) -> str:
 def lower_gemm_group(writer, group, buffers: dict, views: set, lowerings: dict) -> tuple[str | None, list[str]]:
     """The kernels, aten twins and wrapper lines of one GEMM group (ModuleWriter.lower_group's
     counterpart); a form the template cannot take becomes aten, as other groups do."""
-    from flagtree_py.codegen.wrapper import KernelRecord, render_template
+    from flagtree_py.codegen.group_kernels import KernelRecord, render_template
 
     subgraph, externals = writer._group_subgraph(group, buffers)
     stored = [n for n, _ in group.stores()]

@@ -6,23 +6,23 @@ group; each kernel has a `*_fallback` twin with the same signature that computes
 aten ops, used if the kernel fails to build or run. Groups of the same structure (the same norm or
 GEMM in every decoder layer) launch one kernel, the first group's (share_kernels.py): the module's
 kernel count, and the Triton compiles behind it, do not grow with the layer count.
+
+`ModuleWriter` prints values and calls, lowers the nodes `call` runs itself (extern ops, attention
+through attention.py, constants, and the flagtree ops with a template of their own) and assembles the
+module; it lowers fusion groups through its `GroupLowering` half (group_kernels.py) and orders `call`'s
+steps with step_order.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import operator
 import re
-import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import jinja2
-import networkx as nx
 import sympy
 import torch
 import torch.fx
@@ -30,61 +30,18 @@ import torch.fx
 import flagtree_py.ops  # noqa: F401  (registers torch.ops.flagtree.*)
 from flagtree_py.codegen import indexing
 from flagtree_py.codegen.attention import AttentionWriter
-from flagtree_py.codegen.check_kernel import SOURCE_PROBLEMS as _SOURCE_PROBLEMS
-from flagtree_py.codegen.check_kernel import KernelCheckFailed, check_kernel
-from flagtree_py.codegen.gemm import lower_gemm_group
+from flagtree_py.codegen.check_kernel import KernelCheckFailed
+from flagtree_py.codegen.group_kernels import GroupLowering, KernelRecord, SharedKernel, template_environment
 from flagtree_py.codegen.indexing import LoweringError, pexpr
-from flagtree_py.codegen.kernel import KernelBuilder
-from flagtree_py.codegen.lowerings import POINTWISE, REDUCTIONS, VIEWS
 from flagtree_py.codegen.moe_experts import lower_moe_experts
 from flagtree_py.codegen.moe_routing import lower_moe_routing
-from flagtree_py.codegen.share_kernels import group_signature, rename_identifiers
+from flagtree_py.codegen.share_kernels import rename_identifiers
+from flagtree_py.codegen.step_order import order_steps, views_to_emit
 
-_LOWERINGS = {**POINTWISE, **VIEWS, **REDUCTIONS}
 #: flagtree ops a fusion pass put in the graph, each lowered by a template of its own
 _TEMPLATE_LOWERINGS = {torch.ops.flagtree.moe_routing.default: lower_moe_routing,
                        torch.ops.flagtree.moe_routing_dense.default: lower_moe_routing,
                        torch.ops.flagtree.moe_experts.default: lower_moe_experts}
-_GENERIC_TEMPLATES = Path(__file__).parent / "templates"
-
-
-@functools.cache
-def template_environment(target_dir: str | None) -> jinja2.Environment:
-    """Templates for a target: its own directory first (a vendor variant), then the generic ones."""
-    loaders = [jinja2.FileSystemLoader(target_dir)] if target_dir else []
-    return jinja2.Environment(
-        loader=jinja2.ChoiceLoader([*loaders, jinja2.FileSystemLoader(str(_GENERIC_TEMPLATES))]),
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-    )
-
-
-def render_template(name: str, target, **values) -> str:
-    """Render template `name` as `target` sees it (its own variant first, else the generic one)."""
-    return template_environment(target.template_dir).get_template(name).render(**values)
-
-
-@dataclass
-class KernelRecord:
-    name: str
-    group_id: int
-    kind: str
-    source: str
-    config: dict
-    nodes: list[str]  # every node it computes, of every group that launches it
-    stored: list[str]
-    groups: list[str] = field(default_factory=list)  # the groups that launch it, its own first
-
-
-@dataclass
-class SharedKernel:
-    """A group's lowering, launched again by every later group of the same structure (share_kernels.py)."""
-
-    group: object  # the first group, whose kernel it is
-    order: list  # the nodes its structural key visited
-    call: list[str]  # its wrapper lines, header first
-    records: list[KernelRecord]
-    lowered_nodes: int
 
 
 @dataclass
@@ -102,7 +59,7 @@ class GeneratedModule:
     timings: Counter = field(default_factory=Counter)  # seconds per code generation step (the compile record's codegen_s)
 
 
-class ModuleWriter:
+class ModuleWriter(GroupLowering):
     def __init__(self, gm: torch.fx.GraphModule, partition, target, graph_name: str, device_type: str,
                  share_kernels: bool = True) -> None:
         self.gm = gm
@@ -233,7 +190,7 @@ class ModuleWriter:
             for node in group.stored:
                 buffers[node] = node.name
         views = {n for n in nodes if self.kinds[n] == "view"}
-        emitted_views = self._views_to_emit(nodes)
+        emitted_views = views_to_emit(nodes, self.kinds, self.partition.group_of)
 
         kernel_sections, group_calls = {}, {}
         for group in self.partition.groups:
@@ -245,7 +202,7 @@ class ModuleWriter:
         kernel_sections = [self._sharing_note(group) + section for group, section in kernel_sections.items()]
 
         with self.timed("order"):
-            steps = self._order_steps(nodes, emitted_views)
+            steps = order_steps(nodes, self.kinds, self.partition.group_of, emitted_views, self.emitted_symbolic)
         body = list(bind_lines)
         with self.timed("wrapper"):
             for step in steps:
@@ -283,15 +240,6 @@ class ModuleWriter:
         val = node.meta["val"]
         expr = indexing.as_expr(val) if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool) else None
         return expr is None or bool(expr.free_symbols - set(self.bound))
-
-    def _views_to_emit(self, nodes) -> set:
-        needed = set()
-        for node in reversed(nodes):
-            if self.kinds[node] != "view" or node in self.partition.group_of:
-                continue
-            if any(self.kinds[u] in ("extern", "output", "symbolic") or u in needed for u in node.users):
-                needed.add(node)
-        return needed
 
     def _node_lines(self, node) -> list[str]:
         kind = self.kinds[node]
@@ -355,242 +303,6 @@ class ModuleWriter:
                                                  stored=[node.name], groups=[node.name]))
         return kernel.call
 
-    def _order_steps(self, nodes, emitted_views) -> list:
-        group_of = self.partition.group_of
-        emitted = {n for n in nodes if self.kinds[n] in ("extern", "constant")} | emitted_views | self.emitted_symbolic
-
-        def producer(node):
-            while True:
-                if node in group_of:
-                    return group_of[node]
-                if node in emitted:
-                    return node
-                if self.kinds.get(node) == "view":
-                    node = node.args[0]
-                    continue
-                return None
-
-        dag = nx.DiGraph()
-        first = {}
-        for node in nodes:
-            step = group_of.get(node) or (node if node in emitted else None)
-            if step is None:
-                continue
-            dag.add_node(step)
-            first.setdefault(step, node.meta["_order"])
-            for source in node.all_input_nodes:
-                dep = producer(source)
-                if dep is not None and dep is not step:
-                    dag.add_edge(dep, step)
-        self._order_input_writes(nodes, dag, group_of, emitted)
-        return list(nx.lexicographical_topological_sort(dag, key=lambda s: first[s]))
-
-    def _order_input_writes(self, nodes, dag, group_of, emitted) -> None:
-        """An in-place write into a graph input (`copy_` of a kept input mutation, a cache's
-        `index_put_`) runs after every other step that reads that input, through views too."""
-        for node in nodes:
-            if node not in emitted or node.op != "call_function" or not mutates_first_argument(node):
-                continue
-            written = node.args[0]
-            readers, stack = set(), list(written.users)
-            while stack:
-                user = stack.pop()
-                if self.kinds.get(user) == "view" and user not in group_of:
-                    stack.extend(user.users)
-                    continue
-                step = group_of.get(user) or (user if user in emitted else None)
-                if step is not None and step is not node:
-                    readers.add(step)
-            for step in readers:
-                if not nx.has_path(dag, node, step):  # a step fed by the write itself stays after it
-                    dag.add_edge(step, node)
-
-    # -- groups --------------------------------------------------------------------------------
-
-    def lower_group(self, group, buffers, views) -> tuple[str | None, list[str]]:
-        """(the group's kernel section, or None when it launches an earlier group's kernel or runs aten;
-        its wrapper lines)."""
-        key = order = None
-        if self.share_kernels:
-            key, order = group_signature(group, self.kinds, buffers, self.emitted_symbolic)
-            shared = self.shared.get(key)
-            if shared is not None:
-                with self.timed("shared"):
-                    return None, self._launch_shared(shared, group, order)
-        first_record, lowered_before = len(self.out.kernels), self.out.lowered_nodes
-        section, call = self._lower_group(group, buffers, views)
-        records = self.out.kernels[first_record:]
-        for record in records:
-            record.groups.append(group.name)
-        if key is None or section is None:  # a group left to aten is not shared: the next tries on its own
-            return section, call
-        # only groups of one structure share: a kernel's source alone may come out the same for groups whose views
-        # differ (step3's o-projection reads its input through a permute), and then the first group's aten fallback,
-        # which applies those views, would not fit the other's buffers
-        self.shared[key] = SharedKernel(group, order, call, records, self.out.lowered_nodes - lowered_before)
-        return section, call
-
-    def _launch_shared(self, shared: SharedKernel, group, order) -> list[str]:
-        """`group`'s wrapper lines launching `shared`'s kernel: the first group's lines, with each of its
-        nodes' names replaced by the corresponding node's of `group`."""
-        names = {a.name: b.name for a, b in zip(shared.order, order) if a.name != b.name}
-        for record in shared.records:
-            record.groups.append(group.name)
-            record.nodes += [n.name for n in group.ordered_members()]
-        self.out.lowered_nodes += shared.lowered_nodes
-        computes = ", ".join(n.name for n in group.ordered_members() if self.kinds[n] != "view")
-        header = f"# {group.name}: {computes} (the kernel of {shared.group.name})"
-        return [header] + [rename_identifiers(line, names) for line in shared.call[1:]]
-
-    def _sharing_note(self, group) -> str:
-        """A comment above a kernel section that other groups launch too."""
-        shared = next((s for s in self.shared.values() if s.group is group), None)
-        if shared is None or len(shared.records[0].groups) < 2:
-            return ""
-        others = shared.records[0].groups[1:]
-        text = f"{group.name} is also launched by {len(others)} group(s) of the same structure: {', '.join(others)}"
-        return "".join(f"# {line}\n" for line in textwrap.wrap(text, 116, break_on_hyphens=False))
-
-    def _lower_group(self, group, buffers, views) -> tuple[str | None, list[str]]:
-        if group.gemm is not None:  # GEMM template groups: codegen/gemm.py
-            return lower_gemm_group(self, group, buffers, views, _LOWERINGS)
-        subgraph, externals = self._group_subgraph(group, buffers)
-        stored = [n for n, _ in group.stores()]
-        header = f"# {group.name}: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}"
-        first_problems = None
-        # a persistent reduction that no config of the target fits is lowered again as a looped one
-        for persistent_limit in (self.target.persistent_reduction_limit, 0):
-            try:
-                with self.timed("groups.lower"):
-                    builder = KernelBuilder(group, buffers, _LOWERINGS, views, persistent_limit, self.device_type)
-                    for node in externals:  # what the aten fallback reads: the kernel takes it too
-                        builder.add_input(node, buffers[node])
-                    builder.symbols |= self._subgraph_symbols(subgraph)
-                    index_dtype = "int64" if self._needs_int64(group) else "int32"
-                    spec = builder.build(group.name, [], index_dtype)
-            except LoweringError as error:
-                reason = str(error) if first_problems is None else f"check_kernel: {'; '.join(first_problems)}"
-                self.out.codegen_fallbacks.append({"group": group.name, "reason": reason})
-                if first_problems is not None:
-                    self.out.kernel_checks.append({"kernel": group.name, "problems": first_problems,
-                                                   "action": "aten fallback"})
-                lines = [header + " (aten: " + reason.replace("\n", " ")[:120] + ")"]
-                lines += [self.call_line(n) for n in subgraph]
-                return None, lines
-            spec.comment = [f"computes: {', '.join(n.name for n in group.ordered_members() if self.kinds[n] != 'view')}",
-                            f"stores: {', '.join(n.name for n in stored)}"]
-            with self.timed("groups.render"):
-                template = template_environment(self.target.template_dir).get_template(f"{spec.kind}.py.jinja")
-                kernel_source = template.render(k=spec)
-            with self.timed("groups.check"):
-                launch_meta, problems = self._checked_launch(spec, kernel_source)
-            first_problems = first_problems or problems
-            if launch_meta is not None or not spec.persistent or any(p.startswith(_SOURCE_PROBLEMS) for p in problems):
-                break
-        if launch_meta is None:  # no config of the target's tables passes its checks: aten it is
-            self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems, "action": "aten fallback"})
-            self.out.codegen_fallbacks.append({"group": group.name, "reason": f"check_kernel: {'; '.join(first_problems)}"})
-            return None, [header + " (aten: check_kernel)"] + [self.call_line(n) for n in subgraph]
-        if first_problems:
-            how = "looped, " if persistent_limit == 0 else ""
-            self.out.kernel_checks.append({"kernel": spec.name, "problems": first_problems,
-                                           "action": f"re-lowered {how}with {launch_meta}"})
-        self.out.lowered_nodes += sum(1 for n in group.members if self.kinds[n] != "view")
-        fallback = self._fallback_source(spec, subgraph, stored, builder)
-        grid = f"cdiv({spec.xnumel}, {launch_meta['XBLOCK']})"
-        meta = ", ".join(f"{k}={v}" for k, v in launch_meta.items())
-        call = [header] + [self.allocation(n) for n in stored]
-        call.append(f"run({spec.name}, ({grid},), {', '.join(spec.launch_args)}, {meta})")
-        self.out.kernels.append(KernelRecord(
-            name=spec.name, group_id=group.id, kind=spec.kind, source=kernel_source,
-            config={**launch_meta, "persistent": spec.persistent, "index_dtype": index_dtype},
-            nodes=[n.name for n in group.ordered_members()], stored=[n.name for n in stored]))
-        return kernel_source + "\n\n" + fallback, call
-
-    def _needs_int64(self, group) -> bool:
-        for node in group.members | set(group.stored):
-            numel = indexing.numel(indexing.shape_of(node.meta["val"].shape))
-            if not numel.is_Integer or int(numel) >= 2**31:
-                return True
-        return not indexing.numel(group.full_shape).is_Integer
-
-    def _tile(self, spec):
-        if spec.kind == "pointwise":
-            hint = int(sympy.sympify(spec.xnumel)) if sympy.sympify(spec.xnumel).is_Integer else None
-            return self.target.pointwise_config(hint)
-        return self.target.reduction_config(spec.static_rnumel, spec.persistent)
-
-    def _launch_meta(self, spec, tile) -> dict:
-        meta = {"XBLOCK": tile.XBLOCK}
-        if spec.kind == "reduction":
-            meta["RBLOCK"] = tile.RBLOCK
-        meta["num_warps"] = self.target.num_warps(tile.threads)
-        if tile.num_stages != 1:
-            meta["num_stages"] = tile.num_stages
-        return meta
-
-    def _checked_launch(self, spec, kernel_source: str) -> tuple[dict | None, list[str]]:
-        """The launch meta of the first tile, from the target's table down its safer configs, that passes
-        check_kernel (None if none does: a problem of the source itself never passes), and the problems
-        of the first tile tried."""
-        tile, first_problems = self._tile(spec), []
-        while tile is not None:
-            meta = self._launch_meta(spec, tile)
-            problems = check_kernel(kernel_source, {**meta, "kind": spec.kind}, self.target)
-            if not problems:
-                return meta, first_problems
-            first_problems = first_problems or [str(p) for p in problems]
-            if any(p.kind in _SOURCE_PROBLEMS for p in problems):
-                break
-            tile = self.target.safer_config(tile, row_split=spec.kind == "reduction" and not spec.persistent)
-        return None, first_problems
-
-    def _group_subgraph(self, group, buffers):
-        """The nodes to run with aten for this group, and the buffers they read."""
-        needed, externals = set(), set()
-        stack = list(group.stored)
-        while stack:
-            node = stack.pop()
-            if node in needed:
-                continue
-            if node in group.members or (self.kinds[node] == "view" and node not in buffers):
-                needed.add(node)
-                stack.extend(n for n in node.all_input_nodes if self.kinds[n] != "symbolic" or n in self.emitted_symbolic)
-            elif node in buffers:
-                externals.add(node)
-        order = sorted(needed, key=lambda n: n.meta["_order"])
-        return order, sorted(externals, key=lambda n: n.meta["_order"])
-
-    def _subgraph_symbols(self, subgraph) -> set:
-        symbols = set()
-        for node in subgraph:
-            for value in _flatten((node.args, node.kwargs)):
-                if isinstance(value, torch.fx.Node) and self.kinds.get(value) == "symbolic" and value not in self.emitted_symbolic:
-                    symbols |= indexing.as_expr(value.meta["val"]).free_symbols
-                elif isinstance(value, torch.SymInt):
-                    symbols |= indexing.as_expr(value).free_symbols
-        return symbols
-
-    def _fallback_source(self, spec, subgraph, stored, builder) -> str:
-        params = list(spec.arguments)
-        lines = [f"def {spec.name}_fallback({', '.join(params)}):",
-                 f'    """{spec.name} with aten ops: used if the kernel fails to build or run."""']
-        for buffer, pointer in builder.inputs.items():
-            lines.append(f"    {buffer} = {pointer}")
-        for buffer, (name, dtype) in builder.scalars.items():
-            if buffer in builder.size_scalars:
-                lines.append(f"    {buffer} = {name}")
-            else:
-                lines.append(f"    {buffer} = torch.scalar_tensor({name}, dtype={dtype})")
-        for node in subgraph:
-            lines.append("    " + self.call_line(node))
-        for node in stored:
-            lines.append(f"    {builder.outputs[node.name]}.copy_({node.name})")
-        # which arguments the kernel writes: a kernel check (runtime/check.py) gives the fallback fresh ones
-        written = ", ".join(repr(builder.outputs[node.name]) for node in stored)
-        lines.append(f"\n\n{spec.name}_fallback.writes = ({written}{',' if len(stored) == 1 else ''})")
-        return "\n".join(lines)
-
     # -- module --------------------------------------------------------------------------------
 
     def _module_source(self, kernel_sections, placeholders, body) -> str:
@@ -621,23 +333,3 @@ class ModuleWriter:
         call = ["def call(args):"] + ["    " + line for line in body]
         parts.append("\n".join(call))
         return "\n\n\n".join(parts) + "\n"
-
-
-def mutates_first_argument(node: torch.fx.Node) -> bool:
-    """Whether `node` writes its first argument in place (copy_, index_put_, add_...)."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.arguments:
-        return False
-    alias = schema.arguments[0].alias_info
-    return alias is not None and alias.is_write
-
-
-def _flatten(value):
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _flatten(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _flatten(v)
-    else:
-        yield value

@@ -1,6 +1,6 @@
 """Debug mode `check_kernels=True`: every kernel launch is recomputed by its aten fallback and compared.
 
-Each generated kernel has an aten `*_fallback` twin with the same arguments (codegen/wrapper.py); the
+Each generated kernel has an aten `*_fallback` twin with the same arguments (codegen/group_kernels.py); the
 fallback's `writes` attribute names the arguments the kernel stores into. A checked launch runs the
 kernel as usual, then runs the fallback on the same inputs but with fresh output buffers, and records
 the largest difference per kernel. `flagtree validate` reads these records to name the kernel that is

@@ -16,7 +16,7 @@ import torch
 from flagtree_py.cli.agreement import AgreementTally
 from flagtree_py.cli.main import main
 from flagtree_py.cli.validate import DEFAULT_PROMPTS, format_summary
-from flagtree_py.codegen import wrapper
+from flagtree_py.codegen import group_kernels
 from flagtree_py.models.presets import PRESETS
 
 CUDA = torch.cuda.is_available()
@@ -145,13 +145,13 @@ def test_model_directory_with_weights_and_tokenizer(tmp_path, one_prompt, capsys
 def test_a_wrong_kernel_fails_validation_and_is_named(monkeypatch, one_prompt, capsys):
     """cos off by 3%: in the tiny qwen3 only the rotary-table kernel computes cos, so it must be the one named,
     while every kernel downstream of it still agrees with aten on the (wrong) values it reads."""
-    cos = wrapper._LOWERINGS[torch.ops.aten.cos.default]
+    cos = group_kernels._LOWERINGS[torch.ops.aten.cos.default]
 
     def wrong_cos(k, node, index, mask):
         value = cos(k, node, index, mask)
         return k.emit(f"{value.name} * 1.03", value.dtype)
 
-    monkeypatch.setitem(wrapper._LOWERINGS, torch.ops.aten.cos.default, wrong_cos)
+    monkeypatch.setitem(group_kernels._LOWERINGS, torch.ops.aten.cos.default, wrong_cos)
     status = main(["validate", "qwen3", "--tiny", "--prompts", one_prompt, "--tokens", "2", "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert status == 1 and not summary["passed"]
@@ -170,14 +170,14 @@ def test_a_wrong_kernel_fails_validation_and_is_named(monkeypatch, one_prompt, c
 def test_a_wrong_attention_kernel_fails_validation_and_is_named(monkeypatch, one_prompt, capsys):
     """Flash-decoding's step 1 scales its chunk outputs by 1.03 (the prompt's 8 and 9 tokens take the decode
     path): the pair's output differs from the aten attention by 3%, reported under step 1's name."""
-    render = wrapper.render_template
+    render = group_kernels.render_template
     exact = "out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]"
 
     def wrong_decode(name, target, **values):
         source = render(name, target, **values)
         return source.replace(exact, exact + " * 1.03") if name == "attention_decode.py.jinja" else source
 
-    monkeypatch.setattr(wrapper, "render_template", wrong_decode)
+    monkeypatch.setattr(group_kernels, "render_template", wrong_decode)
     status = main(["validate", "qwen3", "--tiny", "--prompts", one_prompt, "--tokens", "2", "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert status == 1 and not summary["passed"]

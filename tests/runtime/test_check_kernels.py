@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import flagtree_py
-from flagtree_py.codegen import wrapper
+from flagtree_py.codegen import group_kernels
 from flagtree_py.runtime.check import CheckedKernel, compare_outputs
 from flagtree_py.runtime.launch import GuardedKernel
 
@@ -57,13 +57,13 @@ def test_off_by_default_binds_plain_kernels():
 
 
 def test_a_wrong_kernel_is_caught_and_named(monkeypatch: pytest.MonkeyPatch):
-    exp = wrapper._LOWERINGS[aten.exp.default]
+    exp = group_kernels._LOWERINGS[aten.exp.default]
 
     def wrong_exp(k, node, index, mask):  # exp off by 3%: a plausible bug in one lowering
         value = exp(k, node, index, mask)
         return k.emit(f"{value.name} * 1.03", value.dtype)
 
-    monkeypatch.setitem(wrapper._LOWERINGS, aten.exp.default, wrong_exp)
+    monkeypatch.setitem(group_kernels._LOWERINGS, aten.exp.default, wrong_exp)
     cf = torch.compile(f, backend="flagtree", options=OPTIONS)
     cf(torch.randn(5, 24), torch.randn(24, 7))
     (record,) = flagtree_py.report()
@@ -108,7 +108,7 @@ def test_attention_kernels_are_checked(q_len, path):
 def test_a_wrong_decoding_kernel_is_caught_and_named(monkeypatch: pytest.MonkeyPatch):
     """Step 1 of flash-decoding scales its chunks' outputs by 1.03: the combine merges them faithfully (its own
     check passes) and the pair's output is 3% off the aten attention, recorded under step 1's name."""
-    render = wrapper.render_template
+    render = group_kernels.render_template
     exact = "out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]"
 
     def wrong_decode(name, target, **values):
@@ -118,7 +118,7 @@ def test_a_wrong_decoding_kernel_is_caught_and_named(monkeypatch: pytest.MonkeyP
             source = source.replace(exact, exact + " * 1.03")
         return source
 
-    monkeypatch.setattr(wrapper, "render_template", wrong_decode)
+    monkeypatch.setattr(group_kernels, "render_template", wrong_decode)
     q, k, v = _qkv(1)
     with torch.no_grad():
         got = torch.compile(attend, backend="flagtree", options={"check_kernels": True})(q, k, v)
