@@ -14,11 +14,17 @@ class Step:
     """One decode step over one static cache, as a serving loop holds it (a bound method is what it compiles;
     torch saves guards on module-level classes only)."""
 
-    def __init__(self, lm, cache) -> None:
-        self.lm, self.cache = lm, cache
+    def __init__(self, lm, cache, mask_length: int | None = None) -> None:
+        self.lm, self.cache, self.mask_length = lm, cache, mask_length
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True).logits
+        mask = None
+        if self.mask_length is not None:  # the length recipe's mask (flagtree_py/models/dynamic_length.py)
+            from flagtree_py.models.dynamic_length import static_cache_mask
+
+            mask = static_cache_mask(positions, self.mask_length)
+        return self.lm(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=self.cache,
+                       use_cache=True).logits
 
 
 def decode_steps(artifact: str, cache_dir: str, steps: int = 3) -> dict:

@@ -121,3 +121,41 @@ def test_an_unreadable_artifact_is_compiled_again_with_a_warning(tmp_path):
     x = torch.randn(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(served(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_precompiled_dynamic_graph_serves_every_prompt_length(tmp_path):
+    """The length recipe (flagtree_py/models/dynamic_length.py) precompiled once: a loaded artifact serves
+    prompts of other lengths, 1 included, with no Dynamo trace and no fallback, matching eager."""
+    from precompile_step import Step
+    from transformers import StaticCache
+
+    from flagtree_py.models import build_model, dynamic_length, tiny_config
+
+    lm = dynamic_length.use_flagtree_attention(build_model(tiny_config("qwen3"), dtype=torch.float32, seed=0).causal_lm)
+    config, length = lm.config, 16
+    cache = StaticCache(config=config, max_cache_len=length)  # allocated before compiling, as serving does
+    cache.early_initialization(1, config.num_key_value_heads, config.head_dim, lm.dtype, torch.device("cpu"))
+    step = Step(lm, cache, mask_length=length)
+    generator = torch.Generator().manual_seed(2)
+
+    def prompt(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, config.vocab_size, (1, n), generator=generator), torch.arange(n)[None]
+
+    options = _options(tmp_path)
+    with torch.no_grad():
+        ids, positions = prompt(5)
+        with dynamic_length.any_length(ids, positions):
+            cold = precompiled(step.forward, (ids, positions), tmp_path / "prefill.bin", options=options)
+        _fresh_process_state()
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        served = precompiled(step.forward, (ids, positions), tmp_path / "prefill.bin", options=options)
+        assert (cold.source, served.source) == ("compiled", "loaded")
+        for n in (5, 3, 1, 9):
+            ids, positions = prompt(n)
+            cache.reset()
+            out = served(ids, positions)
+            cache.reset()
+            torch.testing.assert_close(out, step.forward(ids, positions), rtol=1e-4, atol=1e-4)
+    assert served.fallback_calls == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
