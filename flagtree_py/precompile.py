@@ -36,7 +36,7 @@ import torch
 from flagtree_py.cache import KernelCache, default_cache_dir
 from flagtree_py.cache.links import GraphLinks
 from flagtree_py.options import CompileOptions
-from flagtree_py.report import update_record
+from flagtree_py.report import report, update_record
 
 try:  # torch >= 2.10: precompile's protocol for a backend's compiled graph
     from torch._dynamo.aot_compile_types import SerializableCallable
@@ -118,8 +118,6 @@ def _link_of(fn: FlagtreeGraph) -> dict:
     cache = KernelCache(fn.options.cache_dir or default_cache_dir())
     link = GraphLinks(cache.directory).get(fn.key) if cache.usable() else None
     if link is None:
-        from flagtree_py.report import report
-
         why = next((r.get("link") for r in reversed(report()) if r.get("graph") == fn.graph_name), None)
         raise PrecompileError(f"flagtree: graph {fn.graph_name} cannot be precompiled: its cold compile wrote no "
                               f"link to its cache entry ({why or 'no link in the cache'})")
