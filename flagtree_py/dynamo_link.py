@@ -70,10 +70,18 @@ def compile_from_link(key: str, example_inputs: list, options: CompileOptions, g
     if link is None or inputs_alias(example_inputs, link["written"]):
         return None
     try:
-        call = load_linked_entry(link["aten_key"], link, example_inputs, options, graph_name, phases)
+        return serve_link(key, link, example_inputs, options, graph_name, phases)
     except Exception as error:  # noqa: BLE001 - a link is a shortcut: whatever goes wrong, the full path remains
         _warn_once(f"the Dynamo-graph link failed ({type(error).__name__}: {error}); compiling in full")
         return None
+
+
+def serve_link(key: str, link: dict, example_inputs: list, options: CompileOptions, graph_name: str,
+               phases: dict | None = None):
+    """The link's entry bound to these inputs and run as AOTAutograd's wrapper would (`linked_callable`), or
+    None where the entry is missing or damaged. The caller has checked `inputs_alias` (a warm start here, a
+    precompiled graph's first call in precompile.py)."""
+    call = load_linked_entry(link["aten_key"], link, example_inputs, options, graph_name, phases)
     if call is None:
         return None
     update_record(graph_name, {"dynamo_key": key})

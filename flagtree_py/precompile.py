@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,26 +87,22 @@ class FlagtreeGraph(SerializableCallable):
 
     def _bind(self, args: tuple) -> Callable:
         """The cache entry bound to this first call's inputs (see the module): or a PrecompileError."""
-        from flagtree_py.dynamo_link import inputs_alias, linked_callable
-        from flagtree_py.pipeline import load_linked_entry
+        from flagtree_py.dynamo_link import inputs_alias, serve_link
 
         inputs = list(args)
-        cache_dir = self.options.cache_dir or default_cache_dir()
         if inputs_alias(inputs, self.link["written"]):
             raise PrecompileError("flagtree: this call passes one tensor twice, or tensors sharing storage with "
                                   "one the graph writes; the precompiled graph was compiled without: use "
                                   "torch.compile for such calls")
-        phases: dict = {}
-        started = time.perf_counter()
-        call = load_linked_entry(self.link["aten_key"], self.link, inputs, self.options, self.graph_name, phases)
+        call = serve_link(self.key, self.link, inputs, self.options, self.graph_name)
         if call is None:
+            cache_dir = self.options.cache_dir or default_cache_dir()
             raise PrecompileError(
                 f"flagtree: the precompiled graph needs cache entry {self.link['aten_key']} in {cache_dir}, and it "
                 "is not there or not intact (removed, evicted, or the artifact came from another machine: "
                 "`flagtree cache export` / `import` move entries); precompile again")
-        update_record(self.graph_name, {"cache_path": "precompiled", "dynamo_key": self.key,
-                                        "compile_s": round(time.perf_counter() - started, 4)})
-        return linked_callable(call, self.link["mutated_seen_by_autograd"])
+        update_record(self.graph_name, {"cache_path": "precompiled"})
+        return call
 
 
 def _link_of(fn: FlagtreeGraph) -> dict:

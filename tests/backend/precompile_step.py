@@ -44,7 +44,7 @@ def decode_steps(artifact: str, cache_dir: str, steps: int = 3) -> dict:
     def step(cache, ids, positions):
         return Step(lm, cache).forward(ids, positions)
 
-    logits, tokens, first_call_s = {}, {}, None
+    logits, tokens, first_call_s = {name: [] for name in caches}, {}, None
     with torch.no_grad():
         for name, cache in caches.items():
             out = step(cache, context, torch.arange(6)[None])  # eager prefill for both
@@ -53,8 +53,6 @@ def decode_steps(artifact: str, cache_dir: str, steps: int = 3) -> dict:
         started = time.perf_counter()
         served = precompiled(Step(lm, caches["flagtree"]).forward, (ids, positions), artifact,
                              options={"target": "interpreter", "cache_dir": cache_dir})
-        for name in caches:
-            logits[name] = []
         for i in range(steps):
             positions = torch.tensor([[6 + i]])
             out = served(tokens["flagtree"], positions)
