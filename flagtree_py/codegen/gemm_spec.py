@@ -232,12 +232,7 @@ class GemmEpilogueBuilder(KernelBuilder):
         printed = [pexpr(sympy.sympify(e).xreplace(rename)) for e in self.expressions]
         lines = [_PLACEHOLDER.sub(lambda match: printed[int(match.group(1))], line) for line in self.body.lines]
         symbols = sorted({s.name for s in self.symbols} - {"xm", "xn"} - {v.name for v in self.indirect})
-        scalars = [scalar for scalar, _ in self.scalars.values()]
-        arguments = list(self.inputs.values()) + list(self.outputs.values()) + scalars + symbols
-        convert = {True: "float", False: "int"}
-        launch = (list(self.inputs) + list(self.outputs)
-                  + [f"{convert[dtype.is_floating_point]}({buffer})" for buffer, (_, dtype) in self.scalars.items()]
-                  + symbols)
+        arguments, launch = self._signature(symbols)
         a_ptr = self.inputs[self.buffers[self.gemm.a_base]]
         b_ptr = self.inputs[self.buffers[self.gemm.b_base]]
         pointers = dict.fromkeys([a_ptr, b_ptr])

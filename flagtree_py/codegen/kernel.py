@@ -403,12 +403,7 @@ class KernelBuilder:
         symbols = sorted({s.name for s in (self.symbols | mentioned) - variables if not s.name.startswith("tmp")})
         # sizes travel as the shape symbols alone; numels are computed in the kernel, so Triton
         # sees that 128*s0 is a multiple of 16 without specializing on any value
-        scalars = [name for name, _ in self.scalars.values()]
-        arguments = list(self.inputs.values()) + list(self.outputs.values()) + scalars + symbols
-        convert = {True: "float", False: "int"}
-        launch = (list(self.inputs) + list(self.outputs)
-                  + [f"{convert[dtype.is_floating_point]}({buffer})" for buffer, (_, dtype) in self.scalars.items()]
-                  + symbols)
+        arguments, launch = self._signature(symbols)
         scopes = self.reduction_scopes if not self.persistent else [self.body]
         return KernelSpec(
             name=name,
@@ -429,6 +424,17 @@ class KernelBuilder:
             symbols=symbols,
             unspecialized=[name for name, dtype in self.scalars.values() if not dtype.is_floating_point] + symbols,
         )
+
+    def _signature(self, symbols: list[str]) -> tuple[list[str], list[str]]:
+        """The kernel's parameters (inputs, outputs, scalars, size symbols) and the wrapper's arguments for
+        them, in the same order: scalars are passed as Python floats or ints."""
+        scalars = [name for name, _ in self.scalars.values()]
+        arguments = list(self.inputs.values()) + list(self.outputs.values()) + scalars + symbols
+        convert = {True: "float", False: "int"}
+        launch = (list(self.inputs) + list(self.outputs)
+                  + [f"{convert[dtype.is_floating_point]}({buffer})" for buffer, (_, dtype) in self.scalars.items()]
+                  + symbols)
+        return arguments, launch
 
 
 def _combine(kind: str, acc: str, value: str) -> str:
