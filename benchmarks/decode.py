@@ -285,8 +285,9 @@ def _guarded(fn, *args) -> dict:
 
 def _first_call_parts(first_call_s: float, records: list[dict]) -> dict:
     """Seconds of the first call by part: Dynamo's trace (`compile_inner` less the backend it calls), the
-    backend (AOTAutograd and flagtree: `phases_s`), and the rest (the first run: Triton's JIT building each
-    kernel at its first launch, CUDA graph capture). A precompiled load traces nothing: no Dynamo part."""
+    backend (AOTAutograd and flagtree: `phases_s`), and the rest (the first run: the kernels built in parallel
+    before it (`parallel_builds`, runtime/parallel_builds.py), Triton's JIT building any kernel left at its first
+    launch, CUDA graph capture). A precompiled load traces nothing: no Dynamo part."""
     from torch._dynamo.utils import compile_times
 
     times = {k: float(v) for k, v in zip(*compile_times(repr="csv", aggregate=True))}
@@ -299,7 +300,8 @@ def _first_call_parts(first_call_s: float, records: list[dict]) -> dict:
             phases[name] = round(phases.get(name, 0.0) + seconds, 3)
     return {"dynamo_trace": round(inner - backend, 3), "backend": round(backend, 3), "flagtree_phases": phases,
             "first_run": round(first_call_s - inner, 3), "cache_path": [r.get("cache_path") for r in records],
-            "triton_compiles": sum(_kernel_compiles().values())}
+            "triton_compiles": sum(_kernel_compiles().values()),
+            "parallel_builds": [r.get("parallel_builds") for r in records]}
 
 
 def _cudagraph_skips() -> int:

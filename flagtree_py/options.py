@@ -27,6 +27,9 @@ class CompileOptions:
     autotune_budget_s: float = 5.0  # at most this long tuning one kernel in one bucket
     cuda_graphs: bool = False  # NVIDIA: replay the compiled graph from a CUDA graph per shape bucket
     cuda_graph_sizes: tuple[int, ...] | None = None  # dynamic sizes that may be captured (None: any)
+    # GPU, cache on: worker processes that build a graph's kernels before its first call (None: one per
+    # core, at most 16; 0: none, Triton's JIT builds each kernel at its first launch)
+    parallel_builds: int | None = None
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -46,6 +49,11 @@ class CompileOptions:
             options["cache"] = False
         if "dump_dir" not in options and os.environ.get("FLAGTREE_DUMP_DIR"):
             options["dump_dir"] = os.environ["FLAGTREE_DUMP_DIR"]
+        if "parallel_builds" not in options and os.environ.get("FLAGTREE_PARALLEL_BUILDS"):
+            options["parallel_builds"] = int(os.environ["FLAGTREE_PARALLEL_BUILDS"])
+        workers = options.get("parallel_builds")
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+            raise ValueError(f"flagtree option 'parallel_builds' must be an int >= 0 or None, got {workers!r}")
         if not isinstance(options.get("cuda_graphs", False), bool):
             raise TypeError(f"flagtree option 'cuda_graphs' must be True or False, got {options['cuda_graphs']!r}")
         sizes = options.get("cuda_graph_sizes")

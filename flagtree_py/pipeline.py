@@ -63,6 +63,7 @@ from flagtree_py.runtime.autotune import GemmTuner, attach_tuner
 from flagtree_py.runtime.cuda_graphs import CudaGraphRunner, why_no_cuda_graphs
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.runtime.merged_weights import colocate
+from flagtree_py.runtime.parallel_builds import FirstCallBuilds, default_workers
 from flagtree_py.targets import select_target
 
 #: canonicalization, in order; each pass is `fn(graph, ctx) -> changed`
@@ -143,10 +144,11 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
 
     directory = Path(options.dump_dir) if options.dump_dir else _MODULE_DIR
     module, path = load_module(generated.source, directory, graph_name)
+    content_binaries = _content_binaries(cache, device_type, record)
     bind_kernels(module, [k.name for k in generated.kernels], interpret=device_type != "cuda",
                  constants=generated.constants, externs=generated.extern_targets, on_failure=on_failure,
                  poison=options.poison_outputs, on_compile=on_compile, on_check=on_check,
-                 content_binaries=_content_binaries(cache, device_type, record))
+                 content_binaries=content_binaries)
     phase.done("import")
     listing = partition_text(partition)
     if options.dump_dir:
@@ -174,8 +176,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         phase.done("cache_write")
     _attach_tuner(module, [k.name for k in generated.kernels], options, cache, key, {})
     add_record(record)
-    call = module.call
-    call._boxed_call = True
+    call = _first_call_builds(module, content_binaries, options, record)
     return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
 
 
@@ -283,10 +284,10 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     module, path = load_module(entry.module_source, directory, graph_name)
     arch = _device_arch() if device_type == "cuda" else None
     binaries = entry.binaries(arch) if arch else {}
+    content_binaries = _content_binaries(cache, device_type, record)
     bind_kernels(module, meta["kernels"], interpret=device_type != "cuda", constants=constants,
                  externs=resolve_import_paths(meta["externs"]), on_failure=on_failure, poison=options.poison_outputs,
-                 binaries=binaries, on_compile=on_compile, on_check=on_check,
-                 content_binaries=_content_binaries(cache, device_type, record))
+                 binaries=binaries, on_compile=on_compile, on_check=on_check, content_binaries=content_binaries)
     record["binaries_loaded"] = sorted(binaries)
     _attach_tuner(module, meta["kernels"], options, cache, entry.key, entry.autotune_winners())
     if options.dump_dir:
@@ -295,9 +296,7 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     record.update({"cache": "hit", "kernels_generated": 0, "module_path": str(path), "kernel_failures": [],
                    "compile_s": round(time.perf_counter() - start, 4)})
     add_record(record)
-    call = module.call
-    call._boxed_call = True
-    return call
+    return _first_call_builds(module, content_binaries, options, record)
 
 
 def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, stored: dict) -> None:
@@ -312,6 +311,17 @@ def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, sto
 
     tuner = GemmTuner(options.autotune, options.autotune_budget_s, stored, persist)
     attach_tuner(module, kernel_names, tuner)
+
+
+def _first_call_builds(module, content_binaries, options: CompileOptions, record: dict):
+    """The module's boxed call; on a GPU with the cache on, one whose first call builds the module's kernels
+    in parallel first (runtime/parallel_builds.py). Not under check_kernels, whose launches compare on data."""
+    workers = default_workers() if options.parallel_builds is None else options.parallel_builds
+    if content_binaries is None or workers == 0 or options.check_kernels:
+        call = module.call
+        call._boxed_call = True
+        return call
+    return FirstCallBuilds(module.call, module, content_binaries, workers, record)
 
 
 def _content_binaries(cache, device_type: str, record: dict):

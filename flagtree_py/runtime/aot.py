@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from flagtree_py.runtime.kernel_builds import DIVISIBILITY, binary_files, jit_source
+
 _POINTER_TYPES = {
     torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
     torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16", torch.int8: "*i8",
@@ -35,8 +37,6 @@ _POINTER_TYPES = {
 _I32 = (-(2**31), 2**31)
 #: Triton's own names for pointer element types (`canonicalize_dtype`): a bool tensor is "*u1" to the JIT
 _JIT_POINTER_TYPES = {**_POINTER_TYPES, torch.bool: "*u1"}
-#: the attribute Triton's NVIDIA backend derives from a "D" specialization (`BaseBackend.parse_attr`)
-_DIVISIBILITY = ["tt.divisibility", 16]
 
 
 def launch_signature(args: tuple, meta: dict) -> dict:
@@ -93,13 +93,12 @@ def compile_for_nvidia(fn, signature: dict, capability: int = 90):
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
-def binary_files(compiled) -> dict[str, bytes]:
-    """A CompiledKernel's cubin, PTX and launch metadata (Triton's own json) by file extension."""
-    metadata = next(Path(path) for name, path in compiled.metadata_group.items() if name.endswith(".json"))
-    return {"cubin": bytes(compiled.asm["cubin"]), "ptx": compiled.asm["ptx"].encode(), "json": metadata.read_bytes()}
+def is_aligned(tensor: torch.Tensor) -> bool:
+    """Whether a tensor's address is a multiple of 16 bytes (what Triton's JIT specializes pointers on)."""
+    return tensor.data_ptr() % 16 == 0
 
 
-def jit_specialization(params: list, args: tuple) -> tuple[str, ...] | None:
+def jit_specialization(params: list, args: tuple, aligned=is_aligned) -> tuple[str, ...] | None:
     """The specialization Triton's JIT chooses for a launch with `args` (positional, constexprs left out),
     one string per argument: its type, with ":D" where Triton assumes a multiple of 16 (a pointer's address
     or an integer's value), or "constexpr:1" for an integer 1 it compiles in as a constant.
@@ -107,6 +106,8 @@ def jit_specialization(params: list, args: tuple) -> tuple[str, ...] | None:
     `params` is the JITFunction's `params` (do_not_specialize, do_not_specialize_on_alignment). The rule
     is Triton's `specialize_impl` (3.6 in Python, 3.9 native; the same rule): tests check it against
     Triton's own binder. None where the kernel has what the rule does not cover (annotated types).
+    `aligned(tensor)` says whether a pointer is 16-byte aligned: its address, or for a fake tensor, which has
+    none, a prediction (parallel_builds.py).
     """
     if len(params) < len(args):
         return None
@@ -127,7 +128,7 @@ def jit_specialization(params: list, args: tuple) -> tuple[str, ...] | None:
             spec.append("fp32")
         elif isinstance(value, torch.Tensor):
             kind = _JIT_POINTER_TYPES[value.dtype]
-            spec.append(f"{kind}:D" if specialize and align and value.data_ptr() % 16 == 0 else kind)
+            spec.append(f"{kind}:D" if specialize and align and aligned(value) else kind)
         else:
             return None
     return tuple(spec)
@@ -153,7 +154,7 @@ def compiled_specialization(compiled, arity: int) -> tuple[str, ...] | None:
             spec.append("constexpr:1")
         elif isinstance(kind, str):
             found = [list(attribute) for attribute in attrs.get((index,), [])]
-            spec.append(f"{kind}:D" if _DIVISIBILITY in found else kind)
+            spec.append(f"{kind}:D" if DIVISIBILITY in found else kind)
         else:
             return None
     return tuple(spec)
@@ -171,7 +172,7 @@ class BinaryKernel:
         from triton.compiler import CompiledKernel
 
         specialization = signature.get("specialization")
-        source, _ = _source(fn, signature) if specialization is None else _jit_source(fn, signature, specialization)
+        source, _ = _source(fn, signature) if specialization is None else jit_source(fn, signature, specialization)
         group = {f"{fn.__name__}.{kind}": str(path) for kind, path in files.items() if kind in ("json", "cubin", "ptx")}
         self.compiled = CompiledKernel(source, group, Path(files["cubin"]).stem)
         names = list(inspect.signature(fn).parameters)
@@ -215,27 +216,6 @@ class BinaryKernel:
         self.compiled[full_grid](*args, *(meta[name] for name in self.constexprs))
 
 
-def _jit_source(fn, signature: dict, specialization: tuple | list):
-    """Triton's ASTSource as its JIT made it for a launch of this specialization: the launcher Triton
-    builds from it takes the same arguments, in the same order, as the JIT's own launch of the binary."""
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    names = list(inspect.signature(fn).parameters)
-    types, constants, attrs = {}, {}, {}
-    for index, (name, built) in enumerate(zip(names, specialization)):
-        kind, _, flag = built.partition(":")
-        types[name] = kind
-        if kind == "constexpr":
-            constants[name] = int(flag)
-        elif flag == "D":
-            attrs[(index,)] = [list(_DIVISIBILITY)]
-    meta = dict(signature["meta"])
-    options = {"num_warps": meta.pop("num_warps", 4), "num_stages": meta.pop("num_stages", 3)}
-    for name, value in meta.items():
-        types[name] = "constexpr"
-        constants[name] = value
-    return ASTSource(fn=JITFunction(fn), signature=types, constexprs=constants, attrs=attrs), options
 class ContentBinaries:
     """Kernel binaries found by content (cache/binaries.py) for this GPU's `arch` and this Triton.
 
@@ -266,7 +246,7 @@ class ContentBinaries:
         # an id is reused once a build is freed)
         self.lookups: dict[str, dict] = {}
 
-    def _source_of(self, name: str, kernel) -> str:
+    def source_of(self, name: str, kernel) -> str:
         if name not in self._sources:
             from flagtree_py.cache.binaries import kernel_source
 
@@ -288,7 +268,7 @@ class ContentBinaries:
 
         fn = getattr(kernel, "fn", kernel)
         signature = launch_signature(args, meta)
-        source = self._source_of(name, kernel)
+        source = self.source_of(name, kernel)
         keys = [binary_key(source, signature, self.arch, self.triton_version)]
         if specialization is not None:
             keys.insert(0, binary_key(source, signature, self.arch, self.triton_version, specialization))
@@ -339,7 +319,7 @@ class ContentBinaries:
             return None
 
         signature = launch_signature(args, meta)
-        key = binary_key(self._source_of(name, kernel), signature, self.arch, self.triton_version, specialization)
+        key = binary_key(self.source_of(name, kernel), signature, self.arch, self.triton_version, specialization)
         if self.store.get(key) is not None:
             return key
         try:

@@ -65,7 +65,9 @@ class GuardedKernel:
             from flagtree_py.runtime.aot import launch_signature
 
             self.signature = launch_signature(args, meta)
-        if _DRY_RUN:  # flagtree compile: the signature is what was wanted; nothing runs
+        if _DRY_RUN:  # flagtree compile, parallel builds: the launch is what was wanted; nothing runs
+            if _RECORD is not None:
+                _RECORD(self, args, meta)
             return
         if self.binary is not None and self.failed is None and self.binary.accepts(args, meta):
             try:
@@ -130,18 +132,21 @@ def run(kernel: GuardedKernel, grid: tuple, *args, **meta) -> None:
 
 
 _DRY_RUN = False
+_RECORD = None
 
 
 @contextlib.contextmanager
-def dry_run():
+def dry_run(record=None):
     """Run generated wrappers without launching kernels (on fake tensors): each kernel only records
-    its launch signature. `flagtree compile` uses it to learn what to build ahead of time."""
-    global _DRY_RUN
-    previous, _DRY_RUN = _DRY_RUN, True
+    its launch signature. `flagtree compile` uses it to learn what to build ahead of time.
+    `record(kernel, args, meta)`, if given, sees every launch (parallel_builds.py)."""
+    global _DRY_RUN, _RECORD
+    previous = _DRY_RUN, _RECORD
+    _DRY_RUN, _RECORD = True, record
     try:
         yield
     finally:
-        _DRY_RUN = previous
+        _DRY_RUN, _RECORD = previous
 
 
 #: id(JITFunction) -> the GuardedKernel that owns it, for the compile counter

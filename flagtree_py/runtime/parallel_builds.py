@@ -1,0 +1,208 @@
+"""Build a compiled graph's Triton kernels in parallel, before its first call on a GPU.
+
+Triton's JIT compiles a kernel at its first launch, one launch after another: Qwen3-8B's decode step
+has 21 kernels, 8.8-10.2 s of a 24-29 s cold first call on the H100 host, while 15 of its 16 cores sit
+idle. Threads do not help (Triton holds the GIL while it compiles); processes do. Before a graph's first
+call (`FirstCallBuilds`):
+
+  1. the generated wrapper runs once on fake copies of the call's inputs (`launch.dry_run`): nothing
+     launches, each kernel launch is noted with its arguments, the aten ops run on fake tensors;
+  2. each launch's specialization is the one Triton's JIT will choose (`aot.jit_specialization`), with
+     pointer alignment predicted from the tensor's storage offset (allocations are aligned to far more
+     than 16 bytes);
+  3. what the content store (cache/binaries.py) lacks is built by worker processes, one per kernel
+     binary (`kernel_builds.py`, which imports Triton and no torch), and stored under the key the launch
+     will look up;
+  4. the first call finds each binary there (`ContentBinaries.find`): Triton's JIT compiles nothing.
+
+Nothing here can make a call wrong or fail it. The lookup uses the real launch's specialization, so a
+prediction that does not hold (a view that is not aligned after all) finds nothing and Triton's JIT builds
+that kernel as before; a build that fails, or a wrapper that cannot run on fake tensors, leaves its kernels
+to the JIT too. What happened is in the graph's record (`record["parallel_builds"]`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flagtree_py.runtime.aot import jit_specialization, launch_signature
+from flagtree_py.runtime.kernel_builds import write_job
+from flagtree_py.runtime.launch import counters, dry_run, dry_running
+
+#: more workers than this gain nothing on a graph's few tens of kernels, and each holds a Triton in memory
+MAX_WORKERS = 16
+#: where `python -m flagtree_py.runtime.kernel_builds` finds the package, whatever the caller's path
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+#: a build that takes longer than this is left to the JIT
+_BUILD_TIMEOUT_S = 300
+
+
+def default_workers() -> int:
+    """One worker per core, at most MAX_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+@dataclass
+class Build:
+    """One kernel binary to build: what a worker needs, and the store key it goes under."""
+
+    key: str
+    name: str  # the kernel's name in its module (that of its GuardedKernel)
+    function: str  # the name its source defines
+    source: str  # the kernel's `@triton.jit` function, as written in the generated module
+    origin: tuple[str, int]  # the file and line it was read from
+    signature: dict  # runtime/aot.py launch_signature
+    specialization: tuple[str, ...]
+
+
+class FirstCallBuilds:
+    """A generated module's boxed `call`, whose first call builds the module's kernels in parallel first."""
+
+    _boxed_call = True
+
+    def __init__(self, call, module, binaries, workers: int, record: dict) -> None:
+        self.call, self.module, self.binaries, self.workers, self.record = call, module, binaries, workers, record
+        self.pending = True
+
+    def __call__(self, args: list):
+        if self.pending and not dry_running():  # a dry run (flagtree compile) launches nothing to build for
+            self.pending = False
+            self.record["parallel_builds"] = build_before_first_call(self.module, self.binaries, args, self.workers)
+        return self.call(args)
+
+
+def build_before_first_call(module, binaries, args: list, workers: int) -> dict:
+    """Predict the launches of `module.call(args)` and build the binaries the store lacks; a summary."""
+    start = time.perf_counter()
+    summary = {"workers": workers, "launches": 0, "binaries": 0, "in_store": 0, "built": 0, "failed": {}}
+    try:
+        launches = predicted_launches(module, args)
+    except Exception as error:  # noqa: BLE001 -- a wrapper that cannot run on fake tensors: the JIT builds as before
+        summary["dry_run_error"] = f"{type(error).__name__}: {error}"[:300]
+        summary["seconds"] = round(time.perf_counter() - start, 3)
+        return summary
+    summary["launches"] = len(launches)
+    builds, in_store = missing_builds(launches, binaries)
+    summary.update(binaries=len(builds) + in_store, in_store=in_store, dry_run_s=round(time.perf_counter() - start, 3))
+    if builds:
+        summary["workers"] = min(workers, len(builds))
+        built, failed = build_all(builds, binaries, summary["workers"])
+        summary.update(built=built, failed=failed)
+        counters["parallel_builds"] += built
+        if failed:
+            first = next(iter(failed.items()))
+            warnings.warn(f"flagtree: {len(failed)} of {len(builds)} parallel kernel builds failed (first: {first[0]}: "
+                          f"{first[1]}); Triton's JIT builds those at their first launch", stacklevel=3)
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def predicted_launches(module, args: list) -> list[tuple]:
+    """(kernel, arguments, meta) of every kernel launch `module.call(args)` makes, from a dry run on fake
+    copies of `args`: same shapes, strides, storage offsets and devices, no memory, no kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    launches = []
+    saved = Counter(counters)  # the dry run's launches are not launches
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in args]
+            with dry_run(lambda kernel, arguments, meta: launches.append((kernel, arguments, dict(meta)))):
+                module.call(fake)
+    finally:
+        counters.clear()
+        counters.update(saved)
+    return launches
+
+
+def predicted_alignment(tensor: torch.Tensor) -> bool:
+    """Whether a (fake) tensor's address will be 16-byte aligned: storages start aligned (torch's allocators
+    align to 512 bytes on a GPU, 64 on a CPU), so its storage offset decides."""
+    return tensor.storage_offset() * tensor.element_size() % 16 == 0
+
+
+def missing_builds(launches: list[tuple], binaries) -> tuple[list[Build], int]:
+    """The binaries the launches need that neither the store nor the kernels already have, longest source
+    first (the longest builds start first); and how many were found in the store."""
+    from flagtree_py.cache.binaries import binary_key
+
+    builds: dict[str, Build] = {}
+    seen, in_store = set(), 0
+    for kernel, arguments, meta in launches:
+        params = getattr(kernel.kernel, "params", None)
+        if kernel.interpreted or kernel.failed is not None or params is None:
+            continue
+        if kernel.binary is not None and kernel.binary.meta == meta:  # the entry's own build serves it
+            continue
+        if tuple(meta.items()) in kernel.jit_metas:  # Triton's JIT already serves it in this process
+            continue
+        specialization = jit_specialization(params, arguments, aligned=predicted_alignment)
+        memo = (kernel.name, tuple(meta.items()), specialization)
+        if specialization is None or memo in seen:
+            continue
+        seen.add(memo)
+        signature = launch_signature(arguments, meta)
+        source = binaries.source_of(kernel.name, kernel.kernel)
+        key = binary_key(source, signature, binaries.arch, binaries.triton_version, specialization)
+        ahead_of_time = binary_key(source, signature, binaries.arch, binaries.triton_version)
+        if binaries.store.get(key) is not None or binaries.store.get(ahead_of_time) is not None:
+            in_store += 1
+            continue
+        builds[key] = Build(key, kernel.name, kernel.kernel.fn.__name__, *kernel_definition(kernel.kernel), signature,
+                            specialization)
+    return sorted(builds.values(), key=lambda build: -len(build.source)), in_store
+
+
+def kernel_definition(jit) -> tuple[str, tuple[str, int]]:
+    """A JITFunction's source as written (decorator and def), and the file and line it starts at."""
+    lines, first = inspect.getsourcelines(jit.fn)
+    return textwrap.dedent("".join(lines)), (inspect.getsourcefile(jit.fn), first)
+
+
+def build_all(builds: list[Build], binaries, workers: int) -> tuple[int, dict[str, str]]:
+    """Build `builds` with `workers` processes at a time; each binary built goes into the store. The number
+    stored, and the error of each build that failed, by kernel name."""
+    capability = int(binaries.arch.removeprefix("sm"))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    built, failed = 0, {}
+    with tempfile.TemporaryDirectory(prefix="flagtree-builds-") as root:
+        def build(index: int, job: Build) -> tuple[Build, dict | str]:
+            directory = Path(root) / str(index)
+            write_job(directory, job.function, job.source, job.origin, job.signature, job.specialization, capability)
+            try:
+                done = subprocess.run([sys.executable, "-m", "flagtree_py.runtime.kernel_builds", str(directory)],
+                                      capture_output=True, text=True, env=env, timeout=_BUILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                return job, f"no binary after {_BUILD_TIMEOUT_S} s"
+            if done.returncode != 0:
+                lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+                return job, lines[-1][:300]
+            return job, {kind: (directory / f"kernel.{kind}").read_bytes() for kind in ("cubin", "ptx", "json")}
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for job, result in pool.map(build, range(len(builds)), builds):
+                if isinstance(result, str):
+                    failed[job.name] = result
+                    continue
+                stored = binaries.store.put(job.key, job.name, binaries.arch, binaries.triton_version,
+                                            {**job.signature, "specialization": list(job.specialization)}, result,
+                                            source=job.source)
+                if stored is None:
+                    failed[job.name] = f"the binary store in {binaries.store.directory} could not be written"
+                else:
+                    built += 1
+    return built, failed
