@@ -18,6 +18,11 @@ the cold compile laid them out), as a hit found from the Dynamo graph does.
 with flagtree and saves it there. An artifact it cannot read (another torch or flagtree), or whose cache entry
 is gone at the first call, is precompiled again, with a warning. Calls whose inputs fail the saved guards
 (another batch size, say) run through a plain `torch.compile(fn, backend="flagtree")`, with one warning.
+
+`dynamic=True` precompiles with Python floats specialized (see `PRECOMPILE_DYNAMO_CONFIG`): sizes stay
+dynamic, floats become guarded constants as in a static compile. For prompts of any length, 1 included,
+the length recipe (`flagtree_py.models.dynamic_length.any_length`) is still the way: Dynamo specializes a
+size of 1 under `dynamic=True`, so such calls take the fallback.
 """
 
 from __future__ import annotations
@@ -42,7 +47,23 @@ try:  # torch >= 2.10: precompile's protocol for a backend's compiled graph
 except ImportError:  # older torch: graphs still compile; precompiled() says what is missing
     SerializableCallable = object
 
+try:  # Dynamo's restart to specialize a float input; a torch without it here: matched by name (_is_float_restart)
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+except ImportError:
+    TensorifyScalarRestartAnalysis = None
+
 ARTIFACT_FORMAT = 1
+
+#: Dynamo settings for a precompile's trace. torch 2.11 attaches `aot_compile` to a compiled function only with
+#: `enable_aot_compile` (on by default later). `specialize_float`: under `dynamic=True` Dynamo makes Python
+#: floats graph inputs (an RMSNorm eps, an SDPA scale); one that AOTAutograd cannot turn into tensor math makes
+#: Dynamo restart its analysis to specialize it, and a precompile cannot restart (TensorifyScalarRestartAnalysis
+#: escapes). backend.py's `specialize_float_inputs` cannot avert it here: it tells model constants from
+#: arguments by the inputs' Dynamo sources, which aot_compile drops before calling the backend. Specialized up
+#: front, each float is a constant with an equality guard (saved with the artifact), as in a static compile;
+#: sizes stay dynamic. A float argument of `fn` (a temperature) is specialized too: another value fails the
+#: guards and takes the fallback. Without `dynamic=True` floats are specialized anyway: no change there.
+PRECOMPILE_DYNAMO_CONFIG = {"enable_aot_compile": True, "specialize_float": True}
 
 
 class PrecompileError(RuntimeError):
@@ -164,11 +185,20 @@ class PrecompiledFunction:
     def precompile(self, args: tuple, kwargs: dict) -> None:
         """Trace and compile `fn` for calls like these (Dynamo runs; flagtree's cache may hit), and save it."""
         torch_options = {**(self.options or {}), "guard_filter_fn": serializable_guards}
-        # torch 2.11 attaches `aot_compile` to the compiled function only with this flag (on by default later)
-        with torch._dynamo.config.patch(enable_aot_compile=True):
+        with torch._dynamo.config.patch(PRECOMPILE_DYNAMO_CONFIG):
             compiled = torch.compile(self.fn, backend="flagtree", fullgraph=True, dynamic=self.dynamic,
                                      options=torch_options)
-        artifact = compiled.aot_compile((tuple(args), kwargs))
+            try:
+                artifact = compiled.aot_compile((tuple(args), kwargs))
+            except Exception as error:
+                if not _is_float_restart(error):
+                    raise
+                raise PrecompileError(
+                    "flagtree: precompiling with dynamic=True is not supported for this function: Dynamo made a "
+                    "Python float an input and must restart its analysis to specialize it, which a precompile "
+                    "cannot do. For prompts of any length, precompile the length recipe's first call under "
+                    "flagtree_py.models.dynamic_length.any_length(ids, positions) without dynamic=True (README: "
+                    "\"Precompiled: a warm start with no Dynamo trace\")") from error
         if self.save:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             artifact.save_compiled_function(str(self.path))
@@ -206,6 +236,18 @@ class PrecompiledFunction:
         return self._fallback(*args, **kwargs)
 
 
+def _is_float_restart(error: BaseException) -> bool:
+    """Whether `error`, or an exception it was raised from, is Dynamo's float-input restart (see
+    `PRECOMPILE_DYNAMO_CONFIG`); by class name on a torch without the class at torch._dynamo.exc."""
+    while error is not None:
+        if TensorifyScalarRestartAnalysis is not None and isinstance(error, TensorifyScalarRestartAnalysis):
+            return True
+        if type(error).__name__ == "TensorifyScalarRestartAnalysis":
+            return True
+        error = error.__cause__
+    return False
+
+
 def _short(reason) -> str:
     text = " ".join(str(getattr(reason, "verbose_code_parts", reason)).split())
     return text[:300]
@@ -216,7 +258,8 @@ def precompiled(fn: Callable, args: tuple, path: str | os.PathLike, *, kwargs: d
     """`fn` (a function, a bound method or an nn.Module) compiled by flagtree for calls like `fn(*args,
     **kwargs)`, from the artifact at `path` when there is one, else precompiled now and saved there.
     The returned function's `source` says which: "loaded" or "compiled". An artifact this torch or flagtree
-    cannot read, or whose cache entry is gone at the first call, is precompiled again (with a warning)."""
+    cannot read, or whose cache entry is gone at the first call, is precompiled again (with a warning).
+    `dynamic` is torch.compile's; with True, floats are specialized (see `PRECOMPILE_DYNAMO_CONFIG`)."""
     if not hasattr(torch.compiler, "load_compiled_function"):
         raise PrecompileError(f"flagtree: precompiling needs torch >= 2.10 (this is {torch.__version__})")
     fn = fn.forward if isinstance(fn, torch.nn.Module) else fn

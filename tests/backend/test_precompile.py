@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import flagtree_py
+from flagtree_py import precompile
 from flagtree_py.precompile import PrecompileError, precompiled
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.compiler, "load_compiled_function"),
@@ -33,6 +34,19 @@ class _Affine(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x @ self.weight) + 1.0
+
+
+class _RMSNorm(torch.nn.Module):
+    """Under dynamic=True Dynamo makes `eps` a float input that AOTAutograd cannot turn into tensor math
+    (rms_norm's eps argument): a Dynamo restart, unless the precompile specializes floats up front."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(16))
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, (16,), self.weight, eps=self.eps)
 
 
 def _options(cache_dir: Path, **extra) -> dict:
@@ -123,10 +137,43 @@ def test_an_unreadable_artifact_is_compiled_again_with_a_warning(tmp_path):
         torch.testing.assert_close(served(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_one_precompiled_dynamic_graph_serves_every_prompt_length(tmp_path):
-    """The length recipe (flagtree_py/models/dynamic_length.py) precompiled once: a loaded artifact serves
-    prompts of other lengths, 1 included, with no Dynamo trace and no fallback, matching eager."""
+def test_a_dynamic_precompile_serves_other_sizes_with_its_floats_guarded(tmp_path):
+    """dynamic=True: the float is specialized (no Dynamo restart), the sizes are not; a loaded artifact serves
+    other sizes with no Dynamo trace, matching eager, and a changed float fails the saved guards."""
+    model = _RMSNorm().eval()
+    artifact, options = tmp_path / "norm.bin", _options(tmp_path)
+    with torch.no_grad():
+        cold = precompiled(model, (torch.randn(2, 3, 16),), artifact, options=options, dynamic=True)
+        _fresh_process_state()
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        served = precompiled(model, (torch.randn(2, 3, 16),), artifact, options=options, dynamic=True)
+        assert (cold.source, served.source) == ("compiled", "loaded")
+        for shape in ((2, 3, 16), (2, 7, 16), (5, 4, 16)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(served(x), model(x), rtol=1e-5, atol=1e-5)
+        assert served.fallback_calls == 0
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+        model.eps = 0.5  # not ignored: the guard `eps == 1e-06` sends the call to torch.compile
+        with pytest.warns(UserWarning, match="does not serve"):
+            out = served(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+        assert served.fallback_calls == 1
+
+
+def test_a_float_restart_in_a_precompile_is_a_precompile_error_naming_the_recipe(tmp_path, monkeypatch):
+    """Where Dynamo still restarts to specialize a float (here: the precompile's float setting taken away), the
+    error says so and names the length recipe, chained to torch's internal exception."""
+    monkeypatch.setitem(precompile.PRECOMPILE_DYNAMO_CONFIG, "specialize_float", False)
+    artifact = tmp_path / "norm.bin"
+    with torch.no_grad(), pytest.raises(PrecompileError, match=r"dynamic=True is not supported.*any_length") as raised:
+        precompiled(_RMSNorm().eval(), (torch.randn(2, 3, 16),), artifact, options=_options(tmp_path), dynamic=True)
+    assert type(raised.value.__cause__).__name__ == "TensorifyScalarRestartAnalysis"
+    assert not artifact.exists()
+
+
+def _length_recipe_step():
+    """The tiny Qwen3 under the length recipe (flagtree_py/models/dynamic_length.py), one decode `Step` over a
+    static cache of 16, and a function making seeded prompts of a given length."""
     from precompile_step import Step
     from transformers import StaticCache
 
@@ -136,12 +183,21 @@ def test_one_precompiled_dynamic_graph_serves_every_prompt_length(tmp_path):
     config, length = lm.config, 16
     cache = StaticCache(config=config, max_cache_len=length)  # allocated before compiling, as serving does
     cache.early_initialization(1, config.num_key_value_heads, config.head_dim, lm.dtype, torch.device("cpu"))
-    step = Step(lm, cache, mask_length=length)
     generator = torch.Generator().manual_seed(2)
 
     def prompt(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randint(0, config.vocab_size, (1, n), generator=generator), torch.arange(n)[None]
 
+    return Step(lm, cache, mask_length=length), cache, prompt
+
+
+@pytest.mark.slow
+def test_one_precompiled_dynamic_graph_serves_every_prompt_length(tmp_path):
+    """The length recipe (flagtree_py/models/dynamic_length.py) precompiled once: a loaded artifact serves
+    prompts of other lengths, 1 included, with no Dynamo trace and no fallback, matching eager."""
+    from flagtree_py.models import dynamic_length
+
+    step, cache, prompt = _length_recipe_step()
     options = _options(tmp_path)
     with torch.no_grad():
         ids, positions = prompt(5)
@@ -159,3 +215,33 @@ def test_one_precompiled_dynamic_graph_serves_every_prompt_length(tmp_path):
             torch.testing.assert_close(out, step.forward(ids, positions), rtol=1e-4, atol=1e-4)
     assert served.fallback_calls == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+
+
+@pytest.mark.slow
+def test_a_dynamic_true_precompile_of_the_causal_lm_serves_lengths_above_one(tmp_path):
+    """dynamic=True instead of `any_length`: one artifact serves prompt lengths above 1, matching eager with no
+    Dynamo trace; Dynamo specialized size 1, so a length-1 call takes the fallback (the recipe avoids that)."""
+    step, cache, prompt = _length_recipe_step()
+    options = _options(tmp_path)
+    with torch.no_grad():
+        ids, positions = prompt(5)
+        cold = precompiled(step.forward, (ids, positions), tmp_path / "prefill.bin", options=options, dynamic=True)
+        _fresh_process_state()
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        served = precompiled(step.forward, (ids, positions), tmp_path / "prefill.bin", options=options, dynamic=True)
+        assert (cold.source, served.source) == ("compiled", "loaded")
+        for n in (5, 3, 9, 2):
+            ids, positions = prompt(n)
+            cache.reset()
+            out = served(ids, positions)
+            cache.reset()
+            torch.testing.assert_close(out, step.forward(ids, positions), rtol=1e-4, atol=1e-4)
+        assert served.fallback_calls == 0
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+        ids, positions = prompt(1)
+        cache.reset()
+        with pytest.warns(UserWarning, match="does not serve"):
+            out = served(ids, positions)
+        cache.reset()
+        torch.testing.assert_close(out, step.forward(ids, positions), rtol=1e-4, atol=1e-4)
+        assert served.fallback_calls == 1
