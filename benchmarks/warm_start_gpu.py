@@ -116,12 +116,16 @@ def child(args: argparse.Namespace) -> dict:
         "kernel_launches": counters["kernel_launches"], "binary_launches": counters["binary_launches"],
         "content_binary_launches": counters["content_binary_launches"],
         "kernel_failures": [f for r in records for f in r.get("kernel_failures", [])][:10],
+        "parallel_builds": [r.get("parallel_builds") for r in records],
         "calls": calls_out,
     }
 
 
-def _run_child(args: argparse.Namespace, cache_dir: Path, triton_dir: Path) -> dict:
-    env = {**os.environ, "FLAGTREE_CACHE_DIR": str(cache_dir), "TRITON_CACHE_DIR": str(triton_dir)}
+def _run_child(args: argparse.Namespace, cache_dir: Path, triton_dir: Path, parallel_builds: str = "0") -> dict:
+    """One child with these caches; `parallel_builds` (FLAGTREE_PARALLEL_BUILDS): off by default, since what this
+    script checks is the binaries Triton's JIT built (benchmarks/parallel_builds_gpu.py checks the workers')."""
+    env = {**os.environ, "FLAGTREE_CACHE_DIR": str(cache_dir), "TRITON_CACHE_DIR": str(triton_dir),
+           "FLAGTREE_PARALLEL_BUILDS": parallel_builds}
     env.pop("FLAGTREE_TARGET", None)
     command = [sys.executable, __file__, "--child", "--out", "-", "--model", args.model, "--layers", str(args.layers),
                "--length", str(args.length)] + (["--smoke"] if args.smoke else [])
