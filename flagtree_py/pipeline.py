@@ -90,6 +90,8 @@ FUSE = [fuse_qk_norm_rope, fuse_add_rms_norm, fuse_rms_norm, fuse_rope, fuse_sil
 LAYOUT = [merge_qkv, merge_gate_up]
 
 _MODULE_DIR = Path(tempfile.gettempdir()) / "flagtree_modules"
+#: entry meta: per GPU architecture, the content-store keys of the binaries the graph's first call needed
+FIRST_CALL_BINARIES = "first_call_binaries"
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions, graph_name: str,
@@ -176,7 +178,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         phase.done("cache_write")
     _attach_tuner(module, [k.name for k in generated.kernels], options, cache, key, {})
     add_record(record)
-    call = _first_call_builds(module, content_binaries, options, record)
+    call = _first_call_builds(module, content_binaries, options, record, cache, key)
     return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
 
 
@@ -296,7 +298,8 @@ def _load_cached(entry, gm, record, options, device_type, graph_name, start, on_
     record.update({"cache": "hit", "kernels_generated": 0, "module_path": str(path), "kernel_failures": [],
                    "compile_s": round(time.perf_counter() - start, 4)})
     add_record(record)
-    return _first_call_builds(module, content_binaries, options, record)
+    return _first_call_builds(module, content_binaries, options, record, cache, entry.key,
+                              meta.get(FIRST_CALL_BINARIES, {}).get(arch))
 
 
 def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, stored: dict) -> None:
@@ -313,15 +316,28 @@ def _attach_tuner(module, kernel_names, options: CompileOptions, cache, key, sto
     attach_tuner(module, kernel_names, tuner)
 
 
-def _first_call_builds(module, content_binaries, options: CompileOptions, record: dict):
+def _first_call_builds(module, content_binaries, options: CompileOptions, record: dict, cache=None, key=None,
+                       known: list[str] | None = None):
     """The module's boxed call; on a GPU with the cache on, one whose first call builds the module's kernels
-    in parallel first (runtime/parallel_builds.py). Not under check_kernels, whose launches compare on data."""
+    in parallel first (runtime/parallel_builds.py). Not under check_kernels, whose launches compare on data.
+    The binaries a first call needed are kept in the graph's entry (`known` on a hit): a later first call
+    that finds them all in the store skips the dry run."""
     workers = default_workers() if options.parallel_builds is None else options.parallel_builds
     if content_binaries is None or workers == 0 or options.check_kernels:
         call = module.call
         call._boxed_call = True
         return call
-    return FirstCallBuilds(module.call, module, content_binaries, workers, record)
+
+    def remember(keys: list[str]) -> None:
+        if cache is None or key is None:
+            return
+        try:
+            cache.update_meta(key, lambda meta: meta.setdefault(FIRST_CALL_BINARIES, {}).update(
+                {content_binaries.arch: keys}))
+        except ValueError:  # a damaged entry: the next first call predicts again
+            pass
+
+    return FirstCallBuilds(module.call, module, content_binaries, workers, record, known, remember)
 
 
 def _content_binaries(cache, device_type: str, record: dict):

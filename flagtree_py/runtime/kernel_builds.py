@@ -2,13 +2,14 @@
 `parallel_builds.py`, and the source description `runtime/aot.py` loads JIT binaries with.
 
 This module imports nothing but the standard library at the top, and Triton where it builds: a worker
-process runs it as a script (`python kernel_builds.py JOB_DIR`), starting in a fraction of a second
-where a process importing torch would take seconds.
+process runs it (`python -m flagtree_py.runtime.kernel_builds JOB_DIR`), starting in a fraction of a
+second where a process importing torch would take seconds.
 
-A job directory holds `job.json`: the kernel function's name, source (its `@triton.jit` function, which uses
-only `triton` and `tl`) and where that was read from, its launch signature (runtime/aot.py `launch_signature`), the specialization
-Triton's JIT will choose for the launch (`jit_specialization`) and the GPU's compute capability. The
-worker writes `kernel.cubin`, `kernel.ptx` and `kernel.json` (Triton's launch metadata) beside it, or
+A job directory holds `job.json`: the kernel function's name, its source (the `@triton.jit` function,
+which uses only `triton` and `tl`) and the file and line it was read from, its launch signature
+(runtime/aot.py `launch_signature`), the specialization Triton's JIT will choose for the launch
+(`jit_specialization`) and the GPU's compute capability. The worker writes `kernel.cubin`, `kernel.ptx`
+and `kernel.json` (Triton's launch metadata) beside it, and `launcher.txt` (`prepare_launcher`), or
 exits 1 with the error on stderr.
 """
 
@@ -63,9 +64,9 @@ def write_job(directory: Path, function: str, source: str, origin: tuple[str, in
     (directory / "job.json").write_text(json.dumps(job))
 
 
-def build_job(directory: Path) -> dict[str, bytes]:
-    """Build the job in `directory` for its sm_<capability>: Triton compiles for an explicit target, so
-    no GPU is needed.
+def build_job(directory: Path):
+    """Build the job in `directory` for its sm_<capability> (Triton's CompiledKernel): Triton compiles for an
+    explicit target, so no GPU is needed.
 
     The kernel is defined at its own file name and line (Triton's JIT reads a kernel's source through
     `inspect`, which finds it in `linecache`), so the binary's line table names the generated module, as
@@ -83,17 +84,38 @@ def build_job(directory: Path) -> dict[str, bytes]:
     exec(compile(text, filename, "exec"), namespace)  # noqa: S102 -- the generated kernel, as its module runs it
     kernel = namespace[job["function"]]
     source, options = jit_source(kernel.fn, job["signature"], job["specialization"])
-    compiled = triton.compile(source, target=GPUTarget("cuda", job["capability"], 32), options=options)
-    return binary_files(compiled)
+    return triton.compile(source, target=GPUTarget("cuda", job["capability"], 32), options=options)
+
+
+def prepare_launcher(compiled) -> str:
+    """Build the host-side launcher Triton makes for a kernel at its first launch, where it compiles one.
+
+    Triton 3.6 (and before) writes a C launcher per kernel signature and builds it with the host's C
+    compiler, a fraction of a second to a second each, cached in Triton's cache directory: built here, the
+    kernel's first launch in the parent finds it there. Triton 3.9 launches every kernel through one generic
+    launcher: nothing to build. What happened, in a word (the parent counts them)."""
+    from triton.backends.nvidia import driver
+
+    if not hasattr(driver, "make_launcher"):
+        return "generic"
+    driver.CudaUtils()  # the driver's own C module, built (and cached) on its first use
+    driver.CudaLauncher(compiled.src, compiled.metadata)
+    return "built"
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: kernel_builds.py JOB_DIR", file=sys.stderr)
+        print("usage: python -m flagtree_py.runtime.kernel_builds JOB_DIR", file=sys.stderr)
         return 2
     directory = Path(argv[1])
-    for kind, data in build_job(directory).items():
+    compiled = build_job(directory)
+    for kind, data in binary_files(compiled).items():
         (directory / f"kernel.{kind}").write_bytes(data)
+    try:
+        launcher = prepare_launcher(compiled)
+    except Exception as error:  # noqa: BLE001 -- no C compiler, no libcuda (a CPU machine): the launch builds it
+        launcher = f"not built ({type(error).__name__}: {str(error)[:200]})"
+    (directory / "launcher.txt").write_text(launcher)
     return 0
 
 

@@ -12,8 +12,12 @@ call (`FirstCallBuilds`):
      than 16 bytes);
   3. what the content store (cache/binaries.py) lacks is built by worker processes, one per kernel
      binary (`kernel_builds.py`, which imports Triton and no torch), and stored under the key the launch
-     will look up;
+     will look up; where Triton builds a C launcher per kernel signature (3.6), the worker builds that too,
+     into Triton's cache;
   4. the first call finds each binary there (`ContentBinaries.find`): Triton's JIT compiles nothing.
+
+The keys a first call needed are kept in the graph's cache entry: a later process's first call (a warm
+start) that finds them all in the store skips the dry run.
 
 Nothing here can make a call wrong or fail it. The lookup uses the real launch's specialization, so a
 prediction that does not hold (a view that is not aligned after all) finds nothing and Triton's JIT builds
@@ -69,45 +73,63 @@ class Build:
 
 
 class FirstCallBuilds:
-    """A generated module's boxed `call`, whose first call builds the module's kernels in parallel first."""
+    """A generated module's boxed `call`, whose first call builds the module's kernels in parallel first.
+
+    `known`: the store keys a first call of this graph needed before (kept in its cache entry); when the
+    store holds them all, the first call goes ahead with no dry run. `remember(keys)` is told the keys
+    this first call needed, when they differ from `known`."""
 
     _boxed_call = True
 
-    def __init__(self, call, module, binaries, workers: int, record: dict) -> None:
+    def __init__(self, call, module, binaries, workers: int, record: dict, known: list[str] | None = None,
+                 remember=None) -> None:
         self.call, self.module, self.binaries, self.workers, self.record = call, module, binaries, workers, record
+        self.known, self.remember = known, remember
         self.pending = True
 
     def __call__(self, args: list):
         if self.pending and not dry_running():  # a dry run (flagtree compile) launches nothing to build for
             self.pending = False
-            self.record["parallel_builds"] = build_before_first_call(self.module, self.binaries, args, self.workers)
+            summary, keys = build_before_first_call(self.module, self.binaries, args, self.workers, self.known)
+            self.record["parallel_builds"] = summary
+            if self.remember is not None and keys is not None and sorted(keys) != sorted(self.known or []):
+                self.remember(sorted(keys))
         return self.call(args)
 
 
-def build_before_first_call(module, binaries, args: list, workers: int) -> dict:
-    """Predict the launches of `module.call(args)` and build the binaries the store lacks; a summary."""
+def build_before_first_call(module, binaries, args: list, workers: int,
+                            known: list[str] | None = None) -> tuple[dict, list[str] | None]:
+    """Predict the launches of `module.call(args)` and build the binaries the store lacks: a summary, and the
+    store keys of every binary the launches need (None where the dry run failed). With `known` keys all in
+    the store, nothing is predicted: the summary says so and the keys are `known`."""
     start = time.perf_counter()
+    if known and all(binaries.store.get(key) is not None for key in known):
+        return {"skipped": f"the {len(known)} binaries of the graph's first call are in the store",
+                "seconds": round(time.perf_counter() - start, 3)}, list(known)
     summary = {"workers": workers, "launches": 0, "binaries": 0, "in_store": 0, "built": 0, "failed": {}}
     try:
         launches = predicted_launches(module, args)
     except Exception as error:  # noqa: BLE001 -- a wrapper that cannot run on fake tensors: the JIT builds as before
         summary["dry_run_error"] = f"{type(error).__name__}: {error}"[:300]
         summary["seconds"] = round(time.perf_counter() - start, 3)
-        return summary
+        return summary, None
     summary["launches"] = len(launches)
-    builds, in_store = missing_builds(launches, binaries)
-    summary.update(binaries=len(builds) + in_store, in_store=in_store, dry_run_s=round(time.perf_counter() - start, 3))
+    builds, present = missing_builds(launches, binaries)
+    summary.update(binaries=len(builds) + len(present), in_store=len(present),
+                   dry_run_s=round(time.perf_counter() - start, 3))
+    keys = list(present)
     if builds:
         summary["workers"] = min(workers, len(builds))
-        built, failed = build_all(builds, binaries, summary["workers"])
-        summary.update(built=built, failed=failed)
-        counters["parallel_builds"] += built
+        built, failed, launchers = build_all(builds, binaries, summary["workers"])
+        summary.update(built=len(built), failed=failed, launchers=dict(launchers))
+        keys += built
+        counters["parallel_builds"] += len(built)
         if failed:
             first = next(iter(failed.items()))
             warnings.warn(f"flagtree: {len(failed)} of {len(builds)} parallel kernel builds failed (first: {first[0]}: "
                           f"{first[1]}); Triton's JIT builds those at their first launch", stacklevel=3)
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    return summary
+    return summary, keys
 
 
 def predicted_launches(module, args: list) -> list[tuple]:
@@ -134,13 +156,13 @@ def predicted_alignment(tensor: torch.Tensor) -> bool:
     return tensor.storage_offset() * tensor.element_size() % 16 == 0
 
 
-def missing_builds(launches: list[tuple], binaries) -> tuple[list[Build], int]:
+def missing_builds(launches: list[tuple], binaries) -> tuple[list[Build], list[str]]:
     """The binaries the launches need that neither the store nor the kernels already have, longest source
-    first (the longest builds start first); and how many were found in the store."""
+    first (the longest builds start first); and the keys of those found in the store."""
     from flagtree_py.cache.binaries import binary_key
 
     builds: dict[str, Build] = {}
-    seen, in_store = set(), 0
+    seen, present = set(), []
     for kernel, arguments, meta in launches:
         params = getattr(kernel.kernel, "params", None)
         if kernel.interpreted or kernel.failed is not None or params is None:
@@ -158,12 +180,13 @@ def missing_builds(launches: list[tuple], binaries) -> tuple[list[Build], int]:
         source = binaries.source_of(kernel.name, kernel.kernel)
         key = binary_key(source, signature, binaries.arch, binaries.triton_version, specialization)
         ahead_of_time = binary_key(source, signature, binaries.arch, binaries.triton_version)
-        if binaries.store.get(key) is not None or binaries.store.get(ahead_of_time) is not None:
-            in_store += 1
+        stored = [k for k in (key, ahead_of_time) if binaries.store.get(k) is not None]
+        if stored:
+            present.append(stored[0])
             continue
         builds[key] = Build(key, kernel.name, kernel.kernel.fn.__name__, *kernel_definition(kernel.kernel), signature,
                             specialization)
-    return sorted(builds.values(), key=lambda build: -len(build.source)), in_store
+    return sorted(builds.values(), key=lambda build: -len(build.source)), present
 
 
 def kernel_definition(jit) -> tuple[str, tuple[str, int]]:
@@ -172,37 +195,40 @@ def kernel_definition(jit) -> tuple[str, tuple[str, int]]:
     return textwrap.dedent("".join(lines)), (inspect.getsourcefile(jit.fn), first)
 
 
-def build_all(builds: list[Build], binaries, workers: int) -> tuple[int, dict[str, str]]:
-    """Build `builds` with `workers` processes at a time; each binary built goes into the store. The number
-    stored, and the error of each build that failed, by kernel name."""
+def build_all(builds: list[Build], binaries, workers: int) -> tuple[list[str], dict[str, str], Counter]:
+    """Build `builds` with `workers` processes at a time; each binary built goes into the store. The keys
+    stored, the error of each build that failed (by kernel name), and what became of their launchers
+    (kernel_builds.py `prepare_launcher`)."""
     capability = int(binaries.arch.removeprefix("sm"))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    built, failed = 0, {}
+    built, failed, launchers = [], {}, Counter()
     with tempfile.TemporaryDirectory(prefix="flagtree-builds-") as root:
-        def build(index: int, job: Build) -> tuple[Build, dict | str]:
+        def build(index: int, job: Build) -> tuple[Build, dict | str, str]:
             directory = Path(root) / str(index)
             write_job(directory, job.function, job.source, job.origin, job.signature, job.specialization, capability)
             try:
                 done = subprocess.run([sys.executable, "-m", "flagtree_py.runtime.kernel_builds", str(directory)],
                                       capture_output=True, text=True, env=env, timeout=_BUILD_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                return job, f"no binary after {_BUILD_TIMEOUT_S} s"
+                return job, f"no binary after {_BUILD_TIMEOUT_S} s", ""
             if done.returncode != 0:
                 lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-                return job, lines[-1][:300]
-            return job, {kind: (directory / f"kernel.{kind}").read_bytes() for kind in ("cubin", "ptx", "json")}
+                return job, lines[-1][:300], ""
+            files = {kind: (directory / f"kernel.{kind}").read_bytes() for kind in ("cubin", "ptx", "json")}
+            return job, files, (directory / "launcher.txt").read_text().split(" (")[0]
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for job, result in pool.map(build, range(len(builds)), builds):
+            for job, result, launcher in pool.map(build, range(len(builds)), builds):
                 if isinstance(result, str):
                     failed[job.name] = result
                     continue
+                launchers[launcher] += 1
                 stored = binaries.store.put(job.key, job.name, binaries.arch, binaries.triton_version,
                                             {**job.signature, "specialization": list(job.specialization)}, result,
                                             source=job.source)
                 if stored is None:
                     failed[job.name] = f"the binary store in {binaries.store.directory} could not be written"
                 else:
-                    built += 1
-    return built, failed
+                    built.append(job.key)
+    return built, failed, launchers

@@ -97,15 +97,23 @@ def test_predicted_launches_are_the_real_ones_and_workers_build_the_jits_binarie
     assert jit_specialization(double_kernel.params, real[1][1])[0] == "*fp32"  # the view: not aligned
 
     launches = counters["kernel_launches"]
-    summary = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [x], workers=2)
+    summary, keys = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [x], workers=2)
     assert counters["kernel_launches"] == launches  # the dry run launched nothing
     assert summary["launches"] == 3 and summary["binaries"] == 3 and summary["built"] == 3, summary
     assert summary["failed"] == {} and summary["in_store"] == 0 and summary["workers"] == 2
-    assert _assert_found_as_jit_builds(real, tmp_path) == 3
+    assert summary["launchers"] == {"generic": 3} or triton.__version__ < "3.7"  # Triton 3.9: nothing to build
+    assert _assert_found_as_jit_builds(real, tmp_path) == 3 == len(set(keys))
 
     # a second process's first call: everything is in the store, no worker starts
-    again = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [x], workers=2)
-    assert again["in_store"] == 3 and again["built"] == 0 and "dry_run_s" in again
+    again, same = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [x], workers=2)
+    assert again["in_store"] == 3 and again["built"] == 0 and "dry_run_s" in again and sorted(same) == sorted(keys)
+    # ... and told the keys its graph's first call needed before (its cache entry keeps them): no dry run
+    skipped, known = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [x], workers=2, known=keys)
+    assert "skipped" in skipped and "launches" not in skipped and known == keys
+    # a known binary gone from the store: predicted and built again
+    ContentBinaries(tmp_path, "sm90").store.remove(keys[0])
+    rebuilt, _ = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [x], workers=2, known=keys)
+    assert rebuilt["built"] == 1 and rebuilt["in_store"] == 2
 
 
 def test_generated_kernels_are_built_as_the_jit_builds_them(tmp_path):
@@ -130,7 +138,7 @@ def test_generated_kernels_are_built_as_the_jit_builds_them(tmp_path):
     real = _real_launches(module, inputs)
     assert {kernel.name for kernel, _, _ in real} == set(names) and len(names) == record["triton_kernels"] >= 2
 
-    summary = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), inputs, workers=2)
+    summary, _ = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), inputs, workers=2)
     assert summary["failed"] == {} and summary["built"] == summary["binaries"] >= len(names), summary
     assert _assert_found_as_jit_builds(real, tmp_path) == summary["binaries"]
 
@@ -143,8 +151,8 @@ def test_a_failed_build_or_dry_run_leaves_the_kernel_to_the_jit(tmp_path):
 
     module = _module({"k0_double": double_kernel, "k1_broken": broken_kernel}, launches_both)
     with pytest.warns(UserWarning, match="1 of 2 parallel kernel builds failed .*k1_broken"):
-        summary = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [torch.randn(64)], workers=2)
-    assert summary["built"] == 1 and list(summary["failed"]) == ["k1_broken"]
+        summary, keys = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [torch.randn(64)], workers=2)
+    assert summary["built"] == 1 and list(summary["failed"]) == ["k1_broken"] and len(keys) == 1
     assert "not_defined_anywhere" in summary["failed"]["k1_broken"]
 
     def reads_data(module, args):
@@ -153,25 +161,47 @@ def test_a_failed_build_or_dry_run_leaves_the_kernel_to_the_jit(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        summary = build_before_first_call(_module({"k0_double": double_kernel}, reads_data),
-                                          ContentBinaries(tmp_path / "other", "sm90"), [torch.ones(64)], workers=2)
-    assert summary["built"] == 0 and "dry_run_error" in summary
+        summary, keys = build_before_first_call(_module({"k0_double": double_kernel}, reads_data),
+                                                ContentBinaries(tmp_path / "other", "sm90"), [torch.ones(64)], workers=2)
+    assert summary["built"] == 0 and "dry_run_error" in summary and keys is None
 
 
-def test_the_first_call_builds_once_and_never_inside_a_dry_run(monkeypatch):
-    asked = []
-    monkeypatch.setattr(parallel_builds, "build_before_first_call",
-                        lambda module, binaries, args, workers: asked.append(list(args)) or {"built": 0})
+def test_the_first_call_builds_once_never_inside_a_dry_run_and_remembers_its_binaries(monkeypatch):
+    asked, remembered = [], []
+    found = {"keys": ["b", "a"]}
+    monkeypatch.setattr(parallel_builds, "build_before_first_call", lambda module, binaries, args, workers, known:
+                        asked.append((list(args), known)) or ({"built": 0}, found["keys"]))
     calls = []
     record = {}
-    builds = FirstCallBuilds(lambda args: calls.append(list(args)) or args.clear(), None, None, 3, record)
+    builds = FirstCallBuilds(lambda args: calls.append(list(args)) or args.clear(), None, None, 3, record,
+                             known=["a", "b"], remember=remembered.append)
     assert builds._boxed_call
     with dry_run():
         builds([1])
     assert asked == [] and builds.pending
     builds([2])
     builds([3])
-    assert asked == [[2]] and calls == [[1], [2], [3]] and record["parallel_builds"] == {"built": 0}
+    assert asked == [([2], ["a", "b"])] and calls == [[1], [2], [3]] and record["parallel_builds"] == {"built": 0}
+    assert remembered == []  # the keys it was told: nothing to keep
+    found["keys"] = ["c"]
+    FirstCallBuilds(lambda args: None, None, None, 3, {}, known=["a", "b"], remember=remembered.append)([4])
+    assert remembered == [["c"]]
+
+
+def test_a_cache_entry_keeps_its_first_calls_binaries(tmp_path, monkeypatch):
+    """The pipeline's wiring: the keys a first call needed go into the graph's entry, and a hit is told them."""
+    from flagtree_py.cache import KernelCache
+
+    cache = KernelCache(tmp_path)
+    key = "ab" + "0" * 62
+    assert cache.store(key, "def call(args):\n    pass\n", {"graph": "g", "kernels": []}) is not None
+    seen = []
+    monkeypatch.setattr(parallel_builds, "build_before_first_call", lambda module, binaries, args, workers, known:
+                        seen.append(known) or ({"built": 1}, ["k1", "k2"]))
+    binaries = types.SimpleNamespace(arch="sm90")
+    module = types.SimpleNamespace(call=lambda args: None)
+    pipeline._first_call_builds(module, binaries, CompileOptions(), {}, cache, key)([])
+    assert seen == [None] and cache.peek(key).meta[pipeline.FIRST_CALL_BINARIES] == {"sm90": ["k1", "k2"]}
 
 
 def test_the_option(monkeypatch):
