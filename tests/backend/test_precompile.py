@@ -207,14 +207,19 @@ def test_one_precompiled_dynamic_graph_serves_every_prompt_length(tmp_path):
         graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         served = precompiled(step.forward, (ids, positions), tmp_path / "prefill.bin", options=options)
         assert (cold.source, served.source) == ("compiled", "loaded")
-        for n in (5, 3, 1, 9):
-            ids, positions = prompt(n)
-            cache.reset()
-            out = served(ids, positions)
-            cache.reset()
-            torch.testing.assert_close(out, step.forward(ids, positions), rtol=1e-4, atol=1e-4)
+        _assert_serves_lengths(served, step, cache, prompt, (5, 3, 1, 9))
     assert served.fallback_calls == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+
+
+def _assert_serves_lengths(served, step, cache, prompt, lengths) -> None:
+    """`served` matches eager on a prompt of each length, each from an empty cache."""
+    for n in lengths:
+        ids, positions = prompt(n)
+        cache.reset()
+        out = served(ids, positions)
+        cache.reset()
+        torch.testing.assert_close(out, step.forward(ids, positions), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -230,12 +235,7 @@ def test_a_dynamic_true_precompile_of_the_causal_lm_serves_lengths_above_one(tmp
         graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         served = precompiled(step.forward, (ids, positions), tmp_path / "prefill.bin", options=options, dynamic=True)
         assert (cold.source, served.source) == ("compiled", "loaded")
-        for n in (5, 3, 9, 2):
-            ids, positions = prompt(n)
-            cache.reset()
-            out = served(ids, positions)
-            cache.reset()
-            torch.testing.assert_close(out, step.forward(ids, positions), rtol=1e-4, atol=1e-4)
+        _assert_serves_lengths(served, step, cache, prompt, (5, 3, 9, 2))
         assert served.fallback_calls == 0
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
         ids, positions = prompt(1)
