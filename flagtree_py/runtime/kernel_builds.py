@@ -9,8 +9,8 @@ A job directory holds `job.json`: the kernel function's name, its source (the `@
 which uses only `triton` and `tl`) and the file and line it was read from, its launch signature
 (runtime/aot.py `launch_signature`), the specialization Triton's JIT will choose for the launch
 (`jit_specialization`) and the GPU's compute capability. The worker writes `kernel.cubin`, `kernel.ptx`
-and `kernel.json` (Triton's launch metadata) beside it, and `launcher.txt` (`prepare_launcher`), or
-exits 1 with the error on stderr.
+and `kernel.json` (Triton's launch metadata) beside it, and `result.json` (what became of the kernel's
+launcher, `prepare_launcher`, and the seconds each step took), or exits 1 with the error on stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import inspect
 import json
 import linecache
 import sys
+import time
 from pathlib import Path
 
 #: the attribute Triton's NVIDIA backend derives from a "D" specialization (`BaseBackend.parse_attr`)
@@ -98,7 +99,7 @@ def prepare_launcher(compiled) -> str:
 
     if not hasattr(driver, "make_launcher"):
         return "generic"
-    driver.CudaUtils()  # the driver's own C module, built (and cached) on its first use
+    # the driver's own C module (CudaUtils) is not needed to build a launcher: the parent builds that one
     driver.CudaLauncher(compiled.src, compiled.metadata)
     return "built"
 
@@ -108,14 +109,18 @@ def main(argv: list[str]) -> int:
         print("usage: python -m flagtree_py.runtime.kernel_builds JOB_DIR", file=sys.stderr)
         return 2
     directory = Path(argv[1])
+    began = time.perf_counter()
     compiled = build_job(directory)
     for kind, data in binary_files(compiled).items():
         (directory / f"kernel.{kind}").write_bytes(data)
+    built = time.perf_counter()
     try:
         launcher = prepare_launcher(compiled)
     except Exception as error:  # noqa: BLE001 -- no C compiler, no libcuda (a CPU machine): the launch builds it
         launcher = f"not built ({type(error).__name__}: {str(error)[:200]})"
-    (directory / "launcher.txt").write_text(launcher)
+    result = {"launcher": launcher, "compile_s": round(built - began, 3),
+              "launcher_s": round(time.perf_counter() - built, 3)}
+    (directory / "result.json").write_text(json.dumps(result))
     return 0
 
 

@@ -28,6 +28,7 @@ to the JIT too. What happened is in the graph's record (`record["parallel_builds
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -120,8 +121,8 @@ def build_before_first_call(module, binaries, args: list, workers: int,
     keys = list(present)
     if builds:
         summary["workers"] = min(workers, len(builds))
-        built, failed, launchers = build_all(builds, binaries, summary["workers"])
-        summary.update(built=len(built), failed=failed, launchers=dict(launchers))
+        built, failed, notes = build_all(builds, binaries, summary["workers"])
+        summary.update(built=len(built), failed=failed, **notes)
         keys += built
         counters["parallel_builds"] += len(built)
         if failed:
@@ -189,41 +190,62 @@ def missing_builds(launches: list[tuple], binaries) -> tuple[list[Build], list[s
     return sorted(builds.values(), key=lambda build: -len(build.source)), present
 
 
+def prepare_driver() -> str:
+    """Build (or load from Triton's cache) Triton's own C module for this GPU's driver, which a kernel's first
+    launch needs: Triton builds it with the host's C compiler on first use, here beside the workers' builds
+    instead of at the first launch. In a word, what happened."""
+    if not torch.cuda.is_available():
+        return "no GPU"
+    try:
+        from triton.runtime import driver
+
+        driver.active.utils  # noqa: B018 -- the attribute builds the module
+    except Exception as error:  # noqa: BLE001 -- the first launch builds it, as without parallel builds
+        return f"not built ({type(error).__name__}: {str(error)[:200]})"
+    return "ready"
+
+
 def kernel_definition(jit) -> tuple[str, tuple[str, int]]:
     """A JITFunction's source as written (decorator and def), and the file and line it starts at."""
     lines, first = inspect.getsourcelines(jit.fn)
     return textwrap.dedent("".join(lines)), (inspect.getsourcefile(jit.fn), first)
 
 
-def build_all(builds: list[Build], binaries, workers: int) -> tuple[list[str], dict[str, str], Counter]:
+def build_all(builds: list[Build], binaries, workers: int) -> tuple[list[str], dict[str, str], dict]:
     """Build `builds` with `workers` processes at a time; each binary built goes into the store. The keys
-    stored, the error of each build that failed (by kernel name), and what became of their launchers
-    (kernel_builds.py `prepare_launcher`)."""
+    stored, the error of each build that failed (by kernel name), and notes: what became of the launchers
+    (kernel_builds.py `prepare_launcher`), the slowest builds' seconds, and this process's driver
+    (`prepare_driver`, beside the workers)."""
     capability = int(binaries.arch.removeprefix("sm"))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    built, failed, launchers = [], {}, Counter()
+    built, failed, launchers, timings = [], {}, Counter(), []
     with tempfile.TemporaryDirectory(prefix="flagtree-builds-") as root:
-        def build(index: int, job: Build) -> tuple[Build, dict | str, str]:
+        def build(index: int, job: Build) -> tuple[Build, dict | str, dict]:
+            began = time.perf_counter()
             directory = Path(root) / str(index)
             write_job(directory, job.function, job.source, job.origin, job.signature, job.specialization, capability)
             try:
                 done = subprocess.run([sys.executable, "-m", "flagtree_py.runtime.kernel_builds", str(directory)],
                                       capture_output=True, text=True, env=env, timeout=_BUILD_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                return job, f"no binary after {_BUILD_TIMEOUT_S} s", ""
+                return job, f"no binary after {_BUILD_TIMEOUT_S} s", {}
             if done.returncode != 0:
                 lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-                return job, lines[-1][:300], ""
+                return job, lines[-1][:300], {}
             files = {kind: (directory / f"kernel.{kind}").read_bytes() for kind in ("cubin", "ptx", "json")}
-            return job, files, (directory / "launcher.txt").read_text().split(" (")[0]
+            done = json.loads((directory / "result.json").read_text())
+            done["process_s"] = round(time.perf_counter() - began, 3)
+            return job, files, done
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for job, result, launcher in pool.map(build, range(len(builds)), builds):
+        with ThreadPoolExecutor(max_workers=workers + 1) as pool:
+            driver = pool.submit(prepare_driver)  # beside the workers: what this process's first launch needs
+            for job, result, done in pool.map(build, range(len(builds)), builds):
                 if isinstance(result, str):
                     failed[job.name] = result
                     continue
-                launchers[launcher] += 1
+                launchers[done["launcher"].split(" (")[0]] += 1
+                timings.append({"kernel": job.name, **{part: done[part] for part in ("process_s", "compile_s", "launcher_s")}})
                 stored = binaries.store.put(job.key, job.name, binaries.arch, binaries.triton_version,
                                             {**job.signature, "specialization": list(job.specialization)}, result,
                                             source=job.source)
@@ -231,4 +253,6 @@ def build_all(builds: list[Build], binaries, workers: int) -> tuple[list[str], d
                     failed[job.name] = f"the binary store in {binaries.store.directory} could not be written"
                 else:
                     built.append(job.key)
-    return built, failed, launchers
+            driver = driver.result()
+    slowest = sorted(timings, key=lambda timing: -timing["process_s"])[:3]
+    return built, failed, {"launchers": dict(launchers), "slowest": slowest, "driver": driver}
