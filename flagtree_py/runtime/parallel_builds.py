@@ -245,7 +245,8 @@ def build_all(builds: list[Build], binaries, workers: int) -> tuple[list[str], d
                     failed[job.name] = result
                     continue
                 launchers[done["launcher"].split(" (")[0]] += 1
-                timings.append({"kernel": job.name, **{part: done[part] for part in ("process_s", "compile_s", "launcher_s")}})
+                timings.append({"kernel": job.name,
+                                **{part: done[part] for part in ("process_s", "compile_s", "launcher_s")}})
                 stored = binaries.store.put(job.key, job.name, binaries.arch, binaries.triton_version,
                                             {**job.signature, "specialization": list(job.specialization)}, result,
                                             source=job.source)

@@ -162,8 +162,9 @@ def test_a_failed_build_or_dry_run_leaves_the_kernel_to_the_jit(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        summary, keys = build_before_first_call(_module({"k0_double": double_kernel}, reads_data),
-                                                ContentBinaries(tmp_path / "other", "sm90"), [torch.ones(64)], workers=2)
+        other = ContentBinaries(tmp_path / "other", "sm90")
+        summary, keys = build_before_first_call(_module({"k0_double": double_kernel}, reads_data), other,
+                                                [torch.ones(64)], workers=2)
     assert summary["built"] == 0 and "dry_run_error" in summary and keys is None
 
 
