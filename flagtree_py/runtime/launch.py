@@ -65,9 +65,10 @@ class GuardedKernel:
             from flagtree_py.runtime.aot import launch_signature
 
             self.signature = launch_signature(args, meta)
-        if _DRY_RUN:  # flagtree compile, parallel builds: the launch is what was wanted; nothing runs
-            if _RECORD is not None:
-                _RECORD(self, args, meta)
+        dry = getattr(_DRY, "run", None)
+        if dry is not None:  # flagtree compile, parallel builds: the launch is what was wanted; nothing runs
+            if dry.record is not None:
+                dry.record(self, args, meta)
             return
         if self.binary is not None and self.failed is None and self.binary.accepts(args, meta):
             try:
@@ -127,26 +128,32 @@ class GuardedKernel:
 def run(kernel: GuardedKernel, grid: tuple, *args, **meta) -> None:
     if grid[0] <= 0:
         return  # an empty tensor: nothing to compute, and a zero grid is an error on a GPU
-    counters["kernel_launches"] += 1
+    if getattr(_DRY, "run", None) is None:  # a dry run's launches are not launches
+        counters["kernel_launches"] += 1
     kernel.launch(grid, args, meta)
 
 
-_DRY_RUN = False
-_RECORD = None
+#: the dry run in progress, per thread: one in a thread (a graph's first call building its kernels) never
+#: silences another thread's launches
+_DRY = threading.local()
+
+
+class _DryRun:
+    def __init__(self, record) -> None:
+        self.record = record
 
 
 @contextlib.contextmanager
 def dry_run(record=None):
-    """Run generated wrappers without launching kernels (on fake tensors): each kernel only records
-    its launch signature. `flagtree compile` uses it to learn what to build ahead of time.
+    """Run generated wrappers without launching kernels (on fake tensors), in this thread: each kernel only
+    records its launch signature. `flagtree compile` uses it to learn what to build ahead of time.
     `record(kernel, args, meta)`, if given, sees every launch (parallel_builds.py)."""
-    global _DRY_RUN, _RECORD
-    previous = _DRY_RUN, _RECORD
-    _DRY_RUN, _RECORD = True, record
+    previous = getattr(_DRY, "run", None)
+    _DRY.run = _DryRun(record)
     try:
         yield
     finally:
-        _DRY_RUN, _RECORD = previous
+        _DRY.run = previous
 
 
 #: id(JITFunction) -> the GuardedKernel that owns it, for the compile counter
@@ -230,5 +237,5 @@ def _interpreter_stdlib():
 
 
 def dry_running() -> bool:
-    """Whether wrappers run under `dry_run` (fake tensors: nothing to launch or inspect)."""
-    return _DRY_RUN
+    """Whether wrappers run under `dry_run` in this thread (fake tensors: nothing to launch or inspect)."""
+    return getattr(_DRY, "run", None) is not None

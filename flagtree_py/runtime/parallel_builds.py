@@ -139,15 +139,10 @@ def predicted_launches(module, args: list) -> list[tuple]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     launches = []
-    saved = Counter(counters)  # the dry run's launches are not launches
-    try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake = [mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in args]
-            with dry_run(lambda kernel, arguments, meta: launches.append((kernel, arguments, dict(meta)))):
-                module.call(fake)
-    finally:
-        counters.clear()
-        counters.update(saved)
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in args]
+        with dry_run(lambda kernel, arguments, meta: launches.append((kernel, arguments, dict(meta)))):
+            module.call(fake)
     return launches
 
 

@@ -206,6 +206,38 @@ def test_a_cache_entry_keeps_its_first_calls_binaries(tmp_path, monkeypatch):
     assert seen == [None] and cache.peek(key).meta[pipeline.FIRST_CALL_BINARIES] == {"sm90": ["k1", "k2"]}
 
 
+def test_a_dry_run_in_one_thread_never_silences_another_threads_launches():
+    """A graph's first call predicts its launches in a dry run: a graph running meanwhile in another thread
+    (a server's) must launch its kernels, never skip them."""
+    import threading
+
+    launched, noted = [], []
+
+    class Kernel:  # stands in for Triton's JIT: records what runs
+        params = double_kernel.params
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append(args[3])
+
+    kernel = GuardedKernel("k0_double", Kernel(), lambda *args: pytest.fail("fallback"), interpreted=False)
+    inside, release = threading.Event(), threading.Event()
+
+    def predicting():
+        with dry_run(lambda *launch: noted.append(launch[1][3])):
+            inside.set()
+            release.wait(10)
+            run(kernel, (1,), torch.empty(4), torch.empty(4), 1, 1, **META)
+
+    thread = threading.Thread(target=predicting)
+    thread.start()
+    assert inside.wait(10)
+    launches = counters["kernel_launches"]
+    run(kernel, (1,), torch.empty(4), torch.empty(4), 1, 2, **META)  # this thread: a real launch
+    release.set()
+    thread.join(10)
+    assert launched == [2] and noted == [1] and counters["kernel_launches"] == launches + 1
+
+
 def test_the_option(monkeypatch):
     assert CompileOptions.from_user({}).parallel_builds is None
     assert CompileOptions.from_user({"parallel_builds": 0}).parallel_builds == 0
