@@ -91,10 +91,15 @@ class FirstCallBuilds:
     def __call__(self, args: list):
         if self.pending and not dry_running():  # a dry run (flagtree compile) launches nothing to build for
             self.pending = False
-            summary, keys = build_before_first_call(self.module, self.binaries, args, self.workers, self.known)
+            try:
+                summary, keys = build_before_first_call(self.module, self.binaries, args, self.workers, self.known)
+                if self.remember is not None and keys is not None and sorted(keys) != sorted(self.known or []):
+                    self.remember(sorted(keys))
+            except Exception as error:  # noqa: BLE001 -- builds are an optimisation: the JIT builds as before
+                summary = {"error": f"{type(error).__name__}: {error}"[:300]}
+                warnings.warn(f"flagtree: parallel kernel builds failed ({summary['error']}); Triton's JIT builds "
+                              "each kernel at its first launch", stacklevel=2)
             self.record["parallel_builds"] = summary
-            if self.remember is not None and keys is not None and sorted(keys) != sorted(self.known or []):
-                self.remember(sorted(keys))
         return self.call(args)
 
 

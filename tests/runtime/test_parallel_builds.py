@@ -189,6 +189,16 @@ def test_the_first_call_builds_once_never_inside_a_dry_run_and_remembers_its_bin
     FirstCallBuilds(lambda args: None, None, None, 3, {}, known=["a", "b"], remember=remembered.append)([4])
     assert remembered == [["c"]]
 
+    # anything failing on the way (a full disk for the jobs, a store that breaks) fails no call
+    def broken(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(parallel_builds, "build_before_first_call", broken)
+    record, calls = {}, []
+    with pytest.warns(UserWarning, match="parallel kernel builds failed .*No space left"):
+        FirstCallBuilds(calls.append, None, None, 3, record)([5])
+    assert calls == [[5]] and record["parallel_builds"] == {"error": "OSError: No space left on device"}
+
 
 def test_a_cache_entry_keeps_its_first_calls_binaries(tmp_path, monkeypatch):
     """The pipeline's wiring: the keys a first call needed go into the graph's entry, and a hit is told them."""
