@@ -10,6 +10,7 @@ the aten graph, the fusion groups (`partition_text`) and the toolchain (`toolcha
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def graph_statistics(graph: torch.fx.Graph, partition, generated) -> dict:
             and str(n.target) != "<built-in function getitem>" and n.target is not merged_weight]
     views = [n for n in calls if kinds[n] == "view"]
     wrapper_source = generated.source.split("\ndef call(args):", 1)[-1]
-    emitted_views = [n for n in views if f"    {n.name} = " in wrapper_source]
+    assigned = set(re.findall(r"(?m)^ {4,}(\w+) = ", wrapper_source))  # one scan, not one per view
+    emitted_views = [n for n in views if n.name in assigned]
     lowered = [n for n in work if n in in_kernels]
     symbols = sorted({str(s) for n in graph.nodes if n.op == "placeholder" for s in _symbols(n)})
     return {

@@ -32,26 +32,39 @@ def source_hash() -> str:
     return digest.hexdigest()
 
 
-def _describe(value) -> str:
+def _describe(value, texts: dict | None = None) -> str:
+    """A node's fake value as the key reads it; `texts` keeps each symbolic size's text (printing a sympy
+    expression is slow, and a graph repeats the same few sizes on every node)."""
     import torch
 
+    texts = {} if texts is None else texts
+
+    def text(size) -> str:
+        if type(size) is int:
+            return str(size)
+        expr = size.node.expr
+        if expr not in texts:
+            texts[expr] = str(size)
+        return texts[expr]
+
     if isinstance(value, torch.Tensor):
-        return f"T[{value.dtype},{tuple(map(str, value.shape))},{tuple(map(str, value.stride()))},{value.device.type}]"
+        shape, stride = tuple(map(text, value.shape)), tuple(map(text, value.stride()))
+        return f"T[{value.dtype},{shape},{stride},{value.device.type}]"
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return f"S[{value.node.expr}]"
     if isinstance(value, (list, tuple)):
-        return "(" + ",".join(_describe(v) for v in value) + ")"
+        return "(" + ",".join(_describe(v, texts) for v in value) + ")"
     return type(value).__name__
 
 
 def canonical_graph(gm) -> str:
     import torch.fx
 
-    lines = []
+    lines, texts = [], {}
     for node in gm.graph.nodes:
         args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{n.name}")
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", str(node.target))
-        lines.append(f"{node.op} {node.name} {target} {args!r} {_describe(node.meta.get('val'))}")
+        lines.append(f"{node.op} {node.name} {target} {args!r} {_describe(node.meta.get('val'), texts)}")
     return "\n".join(lines)
 
 

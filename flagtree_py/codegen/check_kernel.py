@@ -87,12 +87,26 @@ def check_kernel(source: str, config: dict, target) -> list[KernelProblem]:
     `config` holds the launch meta (num_warps, num_stages) and the tile (XBLOCK/RBLOCK, or
     BLOCK_M/BLOCK_N/BLOCK_K for dot kernels), plus `kind` and `element_bytes` where known.
     """
+    return _with_config(*_source_check(source, target), config, target)
+
+
+def _source_check(source: str, target) -> tuple[list[KernelProblem], list[int] | None]:
+    """What `source` alone says, whatever the config: its syntax or language problems, and the
+    `num_stages=` of its loops (None where it does not parse)."""
     try:
         tree = ast.parse(source)
     except SyntaxError as error:
-        return [KernelProblem("syntax", str(error))]
-    stages = max([int(config.get("num_stages", 1)), *_loop_stages(tree)])
-    return check_language(tree, target) + check_resources({**config, "num_stages": stages}, target)
+        return [KernelProblem("syntax", str(error))], None
+    return check_language(tree, target), _loop_stages(tree)
+
+
+def _with_config(problems: list[KernelProblem], loop_stages: list[int] | None, config: dict,
+                 target) -> list[KernelProblem]:
+    """The source's problems, and the resources of `config` (with the deepest pipeline of its loops)."""
+    if loop_stages is None:
+        return problems
+    stages = max([int(config.get("num_stages", 1)), *loop_stages])
+    return problems + check_resources({**config, "num_stages": stages}, target)
 
 
 def check_language(tree: ast.AST, target) -> list[KernelProblem]:
@@ -176,8 +190,9 @@ def passing_configs(source: str, candidates: list[dict], target, extra: dict | N
     (kind, element_bytes)."""
     passing: list[dict] = []
     first: list[str] = []
+    checked = _source_check(source, target)  # parsed and walked once for all candidates
     for meta in candidates:
-        problems = check_kernel(source, {**meta, **(extra or {})}, target)
+        problems = _with_config(*checked, {**meta, **(extra or {})}, target)
         if not problems:
             passing.append(meta)
             continue

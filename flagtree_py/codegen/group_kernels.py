@@ -74,16 +74,16 @@ class SharedKernel:
 
 class GroupLowering:
     """The fusion-group half of `ModuleWriter`, which it is mixed into. It uses the writer's `kinds`, `target`,
-    `device_type`, `out`, `emitted_symbolic`, `share_kernels` and `shared`, its `timed` steps and its printing
-    (`call_line`, `allocation`); gemm.py uses `_group_subgraph`, `_subgraph_symbols`, `_needs_int64` and
-    `_fallback_source` too."""
+    `device_type`, `out`, `emitted_symbolic`, `share_kernels`, `shared` and `signature_values`, its `timed`
+    steps and its printing (`call_line`, `allocation`); gemm.py uses `_group_subgraph`, `_subgraph_symbols`,
+    `_needs_int64` and `_fallback_source` too."""
 
     def lower_group(self, group, buffers, views) -> tuple[str | None, list[str]]:
         """(the group's kernel section, or None when it launches an earlier group's kernel or runs aten;
         its wrapper lines)."""
         key = order = None
         if self.share_kernels:
-            key, order = group_signature(group, self.kinds, buffers, self.emitted_symbolic)
+            key, order = group_signature(group, self.kinds, buffers, self.emitted_symbolic, self.signature_values)
             shared = self.shared.get(key)
             if shared is not None:
                 with self.timed("shared"):

@@ -22,6 +22,7 @@ to names and comments, what lowering the group on its own gives.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -31,9 +32,12 @@ import torch.fx
 from flagtree_py.codegen import indexing
 
 
-def group_signature(group, kinds: dict, buffers: dict, emitted_symbolic: set) -> tuple[tuple, list[torch.fx.Node]]:
+def group_signature(group, kinds: dict, buffers: dict, emitted_symbolic: set,
+                    values: dict | None = None) -> tuple[tuple, list[torch.fx.Node]]:
     """(the structural key of `group`, the nodes it visited in walk order): groups of equal keys lower
-    to the same kernel; their visited nodes correspond position by position."""
+    to the same kernel; their visited nodes correspond position by position. `values`: node -> `_value` of
+    its fake value, kept across the groups of one module (a node is read by several groups)."""
+    values = {} if values is None else values
     index: dict[torch.fx.Node, int] = {}
     order: list[torch.fx.Node] = []
     described: list[tuple] = []
@@ -49,7 +53,9 @@ def group_signature(group, kinds: dict, buffers: dict, emitted_symbolic: set) ->
         if node in group.members or kinds.get(node) == "view":
             stack.extend(reversed(node.all_input_nodes))
     for node in order:
-        common = (_value(node.meta.get("val")), node in buffers, node in emitted_symbolic)
+        if node not in values:
+            values[node] = _value(node.meta.get("val"))
+        common = (values[node], node in buffers, node in emitted_symbolic)
         if node in group.members or kinds.get(node) == "view":
             described.append(("computed", _target(node.target), _argument(node.args, index),
                               _argument(dict(node.kwargs), index), kinds.get(node), group.stored.get(node),
@@ -61,7 +67,7 @@ def group_signature(group, kinds: dict, buffers: dict, emitted_symbolic: set) ->
     # topological sort computing the same)
     loaded = [n for n in order if not (n in group.members or kinds.get(n) == "view")]
     graph_order = tuple(index[n] for n in sorted(loaded, key=lambda n: n.meta.get("_order", 0)))
-    shape = tuple(str(indexing.as_expr(s)) for s in group.full_shape)
+    shape = tuple(_size(s) for s in group.full_shape)
     return (shape, tuple(group.rdims), tuple(described), graph_order), order
 
 
@@ -84,12 +90,20 @@ def _target(target) -> str:
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
 
 
+def _size(value) -> str:
+    """A size as text: an int's own digits (what sympy prints for it, without building the expression); a
+    symbolic size's printed expression, kept (printing is slow, and a graph repeats the same few sizes)."""
+    return str(value) if type(value) is int else _expression_text(indexing.as_expr(value))
+
+
+_expression_text = functools.lru_cache(maxsize=4096)(str)
+
+
 def _value(val) -> tuple:
     """What code generation reads of a node's fake value."""
     if isinstance(val, torch.Tensor):
-        return ("tensor", tuple(str(indexing.as_expr(s)) for s in val.shape),
-                tuple(str(indexing.as_expr(s)) for s in val.stride()), str(val.dtype), str(val.device),
-                str(indexing.as_expr(val.storage_offset())))
+        return ("tensor", tuple(_size(s) for s in val.shape), tuple(_size(s) for s in val.stride()), str(val.dtype),
+                str(val.device), _size(val.storage_offset()))
     if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return ("symbolic", type(val).__name__, str(val.node.expr))
     if isinstance(val, (list, tuple)):

@@ -78,6 +78,7 @@ class ModuleWriter(GroupLowering):
         # groups of the same structure launch one kernel (share_kernels.py); off only to check that claim
         self.share_kernels = share_kernels
         self.shared: dict[tuple, SharedKernel] = {}  # by structural key
+        self.signature_values: dict = {}  # node -> its fake value as structural keys read it (share_kernels.py)
         self.template_keys: dict[str, str] = {}  # template kernel source, name left out -> kernel name
 
     @contextlib.contextmanager

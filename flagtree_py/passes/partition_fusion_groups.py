@@ -41,7 +41,6 @@ class FusionGroup:
     stored: dict = field(default_factory=dict)  # node -> "full" | "outer"
     reductions: list = field(default_factory=list)
     gemm: torch.fx.Node | None = None  # the mm/addmm this group's kernel is a GEMM template for
-    operand_ancestors: set | None = None  # what the GEMM's operands depend on (computed once)
 
     def stores(self) -> list[tuple[torch.fx.Node, str]]:
         return sorted(self.stored.items(), key=lambda item: _order(item[0]))
@@ -282,16 +281,22 @@ def _epilogue_fits(gemm: torch.fx.Node, group: FusionGroup) -> bool:
 def _feeds_gemm(node, group: FusionGroup) -> bool:
     """Whether `node` is an ancestor of the GEMM's operands A and B: those are materialized (the
     template reads them tile by tile), so their producers never join the GEMM's group. A bias is
-    read by the epilogue, like any other input: its producers may be computed there."""
-    if group.operand_ancestors is None:
-        found, stack = set(), [a for a in group.gemm.args[-2:] if isinstance(a, torch.fx.Node)]
-        while stack:
-            current = stack.pop()
-            if current not in found:
-                found.add(current)
-                stack.extend(current.all_input_nodes)
-        group.operand_ancestors = found
-    return node in group.operand_ancestors
+    read by the epilogue, like any other input: its producers may be computed there.
+
+    A path from `node` to an operand only passes through nodes after `node` in the graph's order
+    (`meta["_order"]`): the walk back from the operands stops there, so a candidate just before the
+    GEMM costs a few steps, not a walk through every earlier layer."""
+    floor = _order(node)
+    seen, stack = set(), [a for a in group.gemm.args[-2:] if isinstance(a, torch.fx.Node)]
+    while stack:
+        current = stack.pop()
+        if current is node:
+            return True
+        if current in seen or _order(current) < floor:
+            continue
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+    return False
 
 
 def _fits_internal(node, kind, group: FusionGroup) -> bool:

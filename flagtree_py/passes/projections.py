@@ -18,6 +18,7 @@ graph output among them.
 from __future__ import annotations
 
 import contextlib
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -144,8 +145,14 @@ def _propagate(graph: torch.fx.Graph, replaced: dict, fake_mode) -> dict | None:
     def val_of(n):
         return changed[n] if n in changed else n.meta.get("val")
 
-    for node in graph.nodes:
-        if node in replaced or not any(n in changed for n in node.all_input_nodes):
+    # only the users of changed values can change: visit them in graph order (a heap of positions), not
+    # the whole graph once per merge
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    heap = sorted({position[u] for n in replaced for u in n.users})
+    by_position = {position[u]: u for n in replaced for u in n.users}
+    while heap:
+        node = by_position[heapq.heappop(heap)]
+        if node in replaced:
             continue
         if node.op != "call_function":
             return None  # the output node: a graph output would change its strides
@@ -161,6 +168,10 @@ def _propagate(graph: torch.fx.Graph, replaced: dict, fake_mode) -> dict | None:
         if not _same_layout(old, new):
             changed[node] = new
             updates[node] = new
+            for user in node.users:
+                if position[user] not in by_position:
+                    by_position[position[user]] = user
+                    heapq.heappush(heap, position[user])
     return updates
 
 
