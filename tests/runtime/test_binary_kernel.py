@@ -56,4 +56,4 @@ def test_dry_run_records_signatures_and_launches_nothing():
     with dry_run():
         launch.run(kernel, (3,), torch.empty(4, dtype=torch.bfloat16), 4, XBLOCK=16, num_warps=2)
     assert kernel.signature == {"arguments": [("pointer", "*bf16"), ("int", 4)], "meta": {"XBLOCK": 16, "num_warps": 2}}
-    assert counters["kernel_launches"] == launched + 1 and kernel.failed is None
+    assert counters["kernel_launches"] == launched and kernel.failed is None  # a dry run's launches are not launches
