@@ -329,15 +329,14 @@ def _first_call_builds(module, content_binaries, options: CompileOptions, record
         return call
 
     def remember(keys: list[str]) -> None:
-        if cache is None or key is None:
-            return
         try:
             cache.update_meta(key, lambda meta: meta.setdefault(FIRST_CALL_BINARIES, {}).update(
                 {content_binaries.arch: keys}))
         except ValueError:  # a damaged entry: the next first call predicts again
             pass
 
-    return FirstCallBuilds(module.call, module, content_binaries, workers, record, known, remember)
+    return FirstCallBuilds(module.call, module, content_binaries, workers, record, known,
+                           None if cache is None else remember)
 
 
 def _content_binaries(cache, device_type: str, record: dict):

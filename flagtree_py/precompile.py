@@ -47,11 +47,6 @@ try:  # torch >= 2.10: precompile's protocol for a backend's compiled graph
 except ImportError:  # older torch: graphs still compile; precompiled() says what is missing
     SerializableCallable = object
 
-try:  # Dynamo's restart to specialize a float input; a torch without it here: matched by name (_is_float_restart)
-    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
-except ImportError:
-    TensorifyScalarRestartAnalysis = None
-
 ARTIFACT_FORMAT = 1
 
 #: Dynamo settings for a precompile's trace. torch 2.11 attaches `aot_compile` to a compiled function only with
@@ -238,11 +233,9 @@ class PrecompiledFunction:
 
 def _is_float_restart(error: BaseException) -> bool:
     """Whether `error`, or an exception it was raised from, is Dynamo's float-input restart (see
-    `PRECOMPILE_DYNAMO_CONFIG`); by class name on a torch without the class at torch._dynamo.exc."""
+    `PRECOMPILE_DYNAMO_CONFIG`), matched by class name: torch._dynamo.exc has the class in some versions only."""
     while error is not None:
-        if TensorifyScalarRestartAnalysis is not None and isinstance(error, TensorifyScalarRestartAnalysis):
-            return True
-        if type(error).__name__ == "TensorifyScalarRestartAnalysis":
+        if any(cls.__name__ == "TensorifyScalarRestartAnalysis" for cls in type(error).__mro__):
             return True
         error = error.__cause__
     return False

@@ -148,8 +148,8 @@ def _propagate(graph: torch.fx.Graph, replaced: dict, fake_mode) -> dict | None:
     # only the users of changed values can change: visit them in graph order (a heap of positions), not
     # the whole graph once per merge
     position = {n: i for i, n in enumerate(graph.nodes)}
-    heap = sorted({position[u] for n in replaced for u in n.users})
     by_position = {position[u]: u for n in replaced for u in n.users}
+    heap = sorted(by_position)
     while heap:
         node = by_position[heapq.heappop(heap)]
         if node in replaced:

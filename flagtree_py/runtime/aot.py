@@ -264,14 +264,8 @@ class ContentBinaries:
         if memo in self._found:
             binary = self._found[memo]
             return binary if binary is not None and (specialization is not None or binary.accepts(args, meta)) else None
-        from flagtree_py.cache.binaries import binary_key
-
         fn = getattr(kernel, "fn", kernel)
-        signature = launch_signature(args, meta)
-        source = self.source_of(name, kernel)
-        keys = [binary_key(source, signature, self.arch, self.triton_version)]
-        if specialization is not None:
-            keys.insert(0, binary_key(source, signature, self.arch, self.triton_version, specialization))
+        keys = self.keys(name, kernel, launch_signature(args, meta), specialization)
         binary, found_key = None, None
         for key in keys:
             stored = self.store.get(key)
@@ -294,6 +288,17 @@ class ContentBinaries:
             lookup["jit_build"] = binary is not None and binary.specialization is not None
         self.lookups[f"{name} {dict(meta)} {specialization}"] = lookup
         return binary
+
+    def keys(self, name: str, kernel, signature: dict, specialization: tuple | None) -> list[str]:
+        """The store keys a launch of `signature` looks up, in order: the JIT build of its specialization
+        (where there is one), then the build made ahead of time (which assumes nothing of pointers)."""
+        from flagtree_py.cache.binaries import binary_key
+
+        source = self.source_of(name, kernel)
+        keys = [binary_key(source, signature, self.arch, self.triton_version)]
+        if specialization is not None:
+            keys.insert(0, binary_key(source, signature, self.arch, self.triton_version, specialization))
+        return keys
 
     def remember(self, name: str, kernel, args: tuple, meta: dict, compiled) -> str | None:
         """Store the binary Triton's JIT launched for (`args`, `meta`); its key, or None if not stored.

@@ -65,11 +65,11 @@ class GuardedKernel:
             from flagtree_py.runtime.aot import launch_signature
 
             self.signature = launch_signature(args, meta)
-        dry = getattr(_DRY, "run", None)
-        if dry is not None:  # flagtree compile, parallel builds: the launch is what was wanted; nothing runs
-            if dry.record is not None:
-                dry.record(self, args, meta)
+        record = getattr(_DRY, "record", None)
+        if record is not None:  # flagtree compile, parallel builds: the launch is what was wanted; nothing runs
+            record(self, args, meta)
             return
+        counters["kernel_launches"] += 1  # here, not in `run`: a dry run's launches are not launches
         if self.binary is not None and self.failed is None and self.binary.accepts(args, meta):
             try:
                 self.binary.launch(grid, args, meta)
@@ -128,8 +128,6 @@ class GuardedKernel:
 def run(kernel: GuardedKernel, grid: tuple, *args, **meta) -> None:
     if grid[0] <= 0:
         return  # an empty tensor: nothing to compute, and a zero grid is an error on a GPU
-    if getattr(_DRY, "run", None) is None:  # a dry run's launches are not launches
-        counters["kernel_launches"] += 1
     kernel.launch(grid, args, meta)
 
 
@@ -138,9 +136,8 @@ def run(kernel: GuardedKernel, grid: tuple, *args, **meta) -> None:
 _DRY = threading.local()
 
 
-class _DryRun:
-    def __init__(self, record) -> None:
-        self.record = record
+def _ignore(kernel, args, meta) -> None:
+    """A dry run's record when its caller wants only each kernel's first signature."""
 
 
 @contextlib.contextmanager
@@ -148,12 +145,12 @@ def dry_run(record=None):
     """Run generated wrappers without launching kernels (on fake tensors), in this thread: each kernel only
     records its launch signature. `flagtree compile` uses it to learn what to build ahead of time.
     `record(kernel, args, meta)`, if given, sees every launch (parallel_builds.py)."""
-    previous = getattr(_DRY, "run", None)
-    _DRY.run = _DryRun(record)
+    previous = getattr(_DRY, "record", None)
+    _DRY.record = record or _ignore
     try:
         yield
     finally:
-        _DRY.run = previous
+        _DRY.record = previous
 
 
 #: id(JITFunction) -> the GuardedKernel that owns it, for the compile counter
@@ -238,4 +235,4 @@ def _interpreter_stdlib():
 
 def dry_running() -> bool:
     """Whether wrappers run under `dry_run` in this thread (fake tensors: nothing to launch or inspect)."""
-    return getattr(_DRY, "run", None) is not None
+    return getattr(_DRY, "record", None) is not None

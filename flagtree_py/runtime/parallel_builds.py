@@ -160,8 +160,6 @@ def predicted_alignment(tensor: torch.Tensor) -> bool:
 def missing_builds(launches: list[tuple], binaries) -> tuple[list[Build], list[str]]:
     """The binaries the launches need that neither the store nor the kernels already have, longest source
     first (the longest builds start first); and the keys of those found in the store."""
-    from flagtree_py.cache.binaries import binary_key
-
     builds: dict[str, Build] = {}
     seen, present = set(), []
     for kernel, arguments, meta in launches:
@@ -178,9 +176,7 @@ def missing_builds(launches: list[tuple], binaries) -> tuple[list[Build], list[s
             continue
         seen.add(memo)
         signature = launch_signature(arguments, meta)
-        source = binaries.source_of(kernel.name, kernel.kernel)
-        key = binary_key(source, signature, binaries.arch, binaries.triton_version, specialization)
-        ahead_of_time = binary_key(source, signature, binaries.arch, binaries.triton_version)
+        key, ahead_of_time = binaries.keys(kernel.name, kernel.kernel, signature, specialization)
         stored = [k for k in (key, ahead_of_time) if binaries.store.get(k) is not None]
         if stored:
             present.append(stored[0])

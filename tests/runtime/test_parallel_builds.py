@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -30,6 +29,7 @@ from flagtree_py.runtime.launch import GuardedKernel, counters, dry_run, run
 from flagtree_py.runtime.loader import bind_kernels, load_module
 from flagtree_py.runtime.parallel_builds import FirstCallBuilds, build_before_first_call, predicted_launches
 from tests.runtime.test_jit_binaries import _jit_build
+from tests.runtime.test_jit_binaries_generated import _graph
 
 META = {"XBLOCK": 32, "num_warps": 2}
 
@@ -118,17 +118,13 @@ def test_predicted_launches_are_the_real_ones_and_workers_build_the_jits_binarie
 
 
 def test_generated_kernels_are_built_as_the_jit_builds_them(tmp_path):
-    """flagtree's own kernels (pointwise, reduction, attention) for an NVIDIA target, from a compiled graph."""
-    def graph(q, k, v, weight):
-        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = attention.transpose(1, 2).reshape(1, 8, 32)
-        return F.silu(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight)
-
+    """flagtree's own kernels (pointwise, reduction, attention) for an NVIDIA target, from a compiled graph
+    (test_jit_binaries_generated.py's)."""
     torch._dynamo.reset()
     flagtree_py.clear_report()
     inputs = [torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(32)]
-    compiled = torch.compile(graph, backend="flagtree", options={"target": "nvidia", "cache": False})
-    torch.testing.assert_close(compiled(*inputs), graph(*inputs), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(_graph, backend="flagtree", options={"target": "nvidia", "cache": False})
+    torch.testing.assert_close(compiled(*inputs), _graph(*inputs), rtol=1e-5, atol=1e-5)
     (record,) = flagtree_py.report()
     # the module as a GPU loads it: Triton's JIT kernels, not the interpreter's
     source = Path(record["module_path"]).read_text()
