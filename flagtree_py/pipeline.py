@@ -106,6 +106,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     phase = PhaseClock(phases)
     device_type = _device_type(example_inputs)
     target, reason = select_target(options.target, device_type)
+    if not _inputs_line_up(gm, real_inputs):  # before the passes change the placeholders' values
+        real_inputs = None
     ctx = PassContext(options, parameters=_real_parameters(gm, real_inputs))
     record = new_record(graph_name, target, reason, device_type, phase, ctx.counters)
     on_failure, on_compile, on_check = record_callbacks(record, options)
@@ -122,6 +124,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         if entry is not None:
             _colocate(entry.meta.get("colocated_inputs", []), _parameters_by_position(gm, ctx.parameters))
             call = _load_cached(entry, gm, record, options, device_type, graph_name, start, on_failure, on_compile, cache, on_check)
+            _start_builds(call, real_inputs)
             phase.done("cache_hit_import")
             return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
         record["cache"] = f"rebuilt: {problem}" if problem else "miss"
@@ -179,6 +182,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     _attach_tuner(module, [k.name for k in generated.kernels], options, cache, key, {})
     add_record(record)
     call = _first_call_builds(module, content_binaries, options, record, cache, key)
+    if _start_builds(call, real_inputs):
+        phase.done("first_call_plan")  # the dry run predicting the first call's launches
     return _with_cuda_graphs(call, graph_inputs, options, device_type, target, record)
 
 
@@ -243,17 +248,10 @@ def _with_cuda_graphs(call, graph_inputs: dict, options: CompileOptions, device_
 
 
 def _real_parameters(gm: torch.fx.GraphModule, real_inputs: list | None) -> dict:
-    """placeholder -> real nn.Parameter, when `real_inputs` provably line up with the placeholders
-    (same count, and every tensor's dtype and rank agree with the placeholder's fake value)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if real_inputs is None or len(real_inputs) != len(placeholders):
+    """placeholder -> real nn.Parameter, given real inputs lined up with the placeholders (`_inputs_line_up`)."""
+    if real_inputs is None:
         return {}
-    for node, real in zip(placeholders, real_inputs):
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) != isinstance(real, torch.Tensor):
-            return {}
-        if isinstance(val, torch.Tensor) and (val.dtype != real.dtype or val.dim() != real.dim()):
-            return {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {node: real for node, real in zip(placeholders, real_inputs)
             if isinstance(real, torch.nn.Parameter) and tuple(real.shape) == tuple(node.meta["val"].shape)}
 
@@ -337,6 +335,33 @@ def _first_call_builds(module, content_binaries, options: CompileOptions, record
 
     return FirstCallBuilds(module.call, module, content_binaries, workers, record, known,
                            None if cache is None else remember)
+
+
+def _start_builds(call, real_inputs: list | None) -> bool:
+    """Start a first call's parallel builds now, in the background (runtime/parallel_builds.py), where the
+    caller has the real inputs (lined up with the placeholders): Dynamo's example inputs are the tensors of
+    the call that follows, so the builds run beside the rest of Dynamo's compile. The first call checks that
+    its arguments have the layout the builds were predicted from. Whether they started."""
+    if isinstance(call, FirstCallBuilds) and real_inputs is not None:
+        call.start(list(real_inputs))
+        return True
+    return False
+
+
+def _inputs_line_up(gm: torch.fx.GraphModule, real_inputs: list | None) -> bool:
+    """Same count as the placeholders, and every tensor's dtype, device type and rank agree with its
+    placeholder's fake value."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if real_inputs is None or len(real_inputs) != len(placeholders):
+        return False
+    for node, real in zip(placeholders, real_inputs):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) != isinstance(real, torch.Tensor):
+            return False
+        if isinstance(val, torch.Tensor) and (val.dtype, val.device.type, val.dim()) != (
+                real.dtype, real.device.type, real.dim()):
+            return False
+    return True
 
 
 def _content_binaries(cache, device_type: str, record: dict):

@@ -196,7 +196,14 @@ class PrecompiledFunction:
                     "\"Precompiled: a warm start with no Dynamo trace\")") from error
         if self.save:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            artifact.save_compiled_function(str(self.path))
+            # written beside, then moved into place: torch 2.11 opens the file before serializing, so a graph
+            # that cannot be saved would leave a partial artifact at `path`
+            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+            try:
+                artifact.save_compiled_function(str(partial))
+                os.replace(partial, self.path)
+            finally:
+                partial.unlink(missing_ok=True)
         self._use(artifact, "compiled")
 
     def _use(self, loaded, source: str) -> None:

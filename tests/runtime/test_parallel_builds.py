@@ -102,7 +102,7 @@ def test_predicted_launches_are_the_real_ones_and_workers_build_the_jits_binarie
     assert summary["launches"] == 3 and summary["binaries"] == 3 and summary["built"] == 3, summary
     assert summary["failed"] == {} and summary["in_store"] == 0 and summary["workers"] == 2
     assert summary["launchers"] == {"generic": 3} or triton.__version__ < "3.7"  # Triton 3.9: nothing to build
-    assert len(summary["slowest"]) == 3 and summary["driver"] == "no GPU"
+    assert len(summary["slowest"]) == 3 and summary["driver"] == ("ready" if torch.cuda.is_available() else "no GPU")
     assert _assert_found_as_jit_builds(real, tmp_path) == 3 == len(set(keys))
 
     # a second process's first call: everything is in the store, no worker starts
@@ -140,6 +140,53 @@ def test_generated_kernels_are_built_as_the_jit_builds_them(tmp_path):
     assert _assert_found_as_jit_builds(real, tmp_path) == summary["binaries"]
 
 
+def test_builds_started_before_the_first_call_serve_it_when_its_arguments_are_laid_out_alike(tmp_path):
+    """`start` (the pipeline: when the compile ends, on Dynamo's example inputs) builds in a background thread;
+    the first call waits for it, and predicts again where its arguments are laid out otherwise."""
+    module = _module({"k0_double": double_kernel}, _three_launches)
+    x = torch.randn(64)
+    record, calls = {}, []
+    builds = FirstCallBuilds(lambda args: calls.append(list(args)), module, ContentBinaries(tmp_path, "sm90"), 2,
+                             record)
+    builds.start([x])
+    builds([x])
+    summary = record["parallel_builds"]
+    assert summary["built"] == 3 and summary["failed"] == {} and calls == [[x]], summary
+    assert summary["started_before_the_call"]["waited_s"] >= 0 and "not_used" not in summary["started_before_the_call"]
+    assert _assert_found_as_jit_builds(_real_launches(module, [x]), tmp_path) == 3
+
+    # the first call's tensor is a view one element in (not aligned): what was predicted does not serve it
+    shifted = torch.randn(65)[1:]
+    record = {}
+    builds = FirstCallBuilds(lambda args: None, module, ContentBinaries(tmp_path, "sm90"), 2, record)
+    builds.start([torch.randn(64)])
+    builds([shifted])
+    summary = record["parallel_builds"]
+    assert "not_used" in summary["started_before_the_call"] and summary["built"] >= 1, summary
+    assert summary["in_store"] + summary["built"] == summary["binaries"] == 3
+    assert _assert_found_as_jit_builds(_real_launches(module, [shifted]), tmp_path) == 3
+
+
+def test_builds_start_early_only_on_inputs_that_line_up_with_the_placeholders():
+    graph = torch.fx.Graph()
+    for name, val in (("weight", torch.empty(4, 4)), ("x", torch.empty(2, 4, dtype=torch.float16))):
+        graph.placeholder(name).meta["val"] = val
+    graph.output(None)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert pipeline._inputs_line_up(gm, [torch.randn(4, 4), torch.randn(3, 4, dtype=torch.float16)])
+    assert not pipeline._inputs_line_up(gm, None)
+    assert not pipeline._inputs_line_up(gm, [torch.randn(4, 4)])  # one input fewer
+    assert not pipeline._inputs_line_up(gm, [torch.randn(4, 4), torch.randn(2, 4)])  # another dtype
+    assert not pipeline._inputs_line_up(gm, [torch.randn(4, 4), torch.randn(8, dtype=torch.float16)])  # rank
+    started = []
+    builds = FirstCallBuilds(lambda args: None, None, None, 2, {})
+    builds.start = started.append
+    pipeline._start_builds(builds, [1, 2])
+    pipeline._start_builds(builds, None)
+    pipeline._start_builds(lambda args: None, [3])  # no parallel builds: nothing to start
+    assert started == [[1, 2]]
+
+
 def test_a_failed_build_or_dry_run_leaves_the_kernel_to_the_jit(tmp_path):
     def launches_both(module, args):
         (x,) = args
@@ -147,9 +194,13 @@ def test_a_failed_build_or_dry_run_leaves_the_kernel_to_the_jit(tmp_path):
         run(module.k0_double, (2,), x, torch.empty_like(x), 1, 64, **META)
 
     module = _module({"k0_double": double_kernel, "k1_broken": broken_kernel}, launches_both)
+    record, calls = {}, []
+    builds = FirstCallBuilds(calls.append, module, ContentBinaries(tmp_path, "sm90"), 2, record)
+    builds.start([torch.randn(64)])  # in the background: the warning comes at the first call, in its thread
     with pytest.warns(UserWarning, match="1 of 2 parallel kernel builds failed .*k1_broken"):
-        summary, keys = build_before_first_call(module, ContentBinaries(tmp_path, "sm90"), [torch.randn(64)], workers=2)
-    assert summary["built"] == 1 and list(summary["failed"]) == ["k1_broken"] and len(keys) == 1
+        builds([torch.randn(64)])
+    summary = record["parallel_builds"]
+    assert summary["built"] == 1 and list(summary["failed"]) == ["k1_broken"] and len(calls) == 1
     assert "not_defined_anywhere" in summary["failed"]["k1_broken"]
 
     def reads_data(module, args):
@@ -194,6 +245,15 @@ def test_the_first_call_builds_once_never_inside_a_dry_run_and_remembers_its_bin
     with pytest.warns(UserWarning, match="parallel kernel builds failed .*No space left"):
         FirstCallBuilds(calls.append, None, None, 3, record)([5])
     assert calls == [[5]] and record["parallel_builds"] == {"error": "OSError: No space left on device"}
+    # ... also when the builds were started before the call
+    monkeypatch.setattr(parallel_builds, "plan_builds", broken)
+    record, calls = {}, []
+    builds = FirstCallBuilds(calls.append, None, None, 3, record)
+    builds.start([6])
+    with pytest.warns(UserWarning, match="parallel kernel builds failed .*No space left"):
+        builds([6])
+    assert calls == [[6]] and record["parallel_builds"] == {
+        "error": "OSError: No space left on device", "started_before_the_call": {"waited_s": 0.0}}
 
 
 def test_a_cache_entry_keeps_its_first_calls_binaries(tmp_path, monkeypatch):
