@@ -13,8 +13,11 @@ import time
 import torch
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
+from flagtree_py.capture import Captured
+from flagtree_py.capture import capture as capture_directly
 from flagtree_py.decompositions import flagtree_decompositions
-from flagtree_py.dynamo_link import compile_from_link, link_key, note_capture, symbolic_state, write_link
+from flagtree_py.dynamo_link import (compile_from_link, link_key, linked_callable, note_capture, note_direct_capture,
+                                     symbolic_state, write_link)
 from flagtree_py.options import CompileOptions
 from flagtree_py.passes.fuse_attention import route_sdpa_calls
 from flagtree_py.pipeline import safe_compile_graph
@@ -29,7 +32,8 @@ _NO_AOTAUTOGRAD_CACHE = {"force_autograd_cache": False, "bundled_autograd_cache"
 
 
 def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """Dynamo backend: capture with AOTAutograd (inference graph), then compile with flagtree."""
+    """Dynamo backend: capture the inference graph in one trace (capture.py), or with AOTAutograd where that
+    cannot be used or `capture="aot"`, then compile with flagtree."""
     compile_options = CompileOptions.from_user(options)
     if mode not in (None, "default"):
         raise ValueError(f"flagtree has no mode {mode!r}; pass options={{...}} instead")
@@ -50,14 +54,16 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     capture: dict = {}  # what the link written after the compile needs (dynamo_link.py)
     symbols_before = symbolic_state(gm) if key is not None else None
 
-    def forward_compiler(aten_gm, aten_inputs):
+    def forward_compiler(aten_gm, aten_inputs, direct: Captured | None = None):
         # aten_inputs are fake tensors; Dynamo's example_inputs are the real ones (parameters
         # included, in the same order when AOTAutograd added or removed none): the layout passes
         # need the real parameters
-        # AOTAutograd's trace and decompositions
-        phases.update(aot_capture=time.perf_counter() - entered - phases["dynamo_key"])
+        # AOTAutograd's trace and decompositions, or the direct capture's one trace (capture.py)
+        seconds = time.perf_counter() - entered - phases["dynamo_key"]
+        phases.update({"aot_capture" if direct is None else "direct_capture": seconds})
         if key is not None:
-            capture.update(note_capture(aten_gm, example_inputs))
+            capture.update(note_capture(aten_gm, example_inputs) if direct is None
+                           else note_direct_capture(aten_gm, example_inputs, direct.mutated))
         guards = _ShapeGuardWatch(aten_inputs)
         compiled_graph = safe_compile_graph(aten_gm, aten_inputs, compile_options, graph_name,
                                             real_inputs=example_inputs, phases=phases)
@@ -68,6 +74,14 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         # flagtree compiles inference; a backward (training) graph runs as plain aten
         return make_boxed_func(aten_gm.forward)
 
+    direct = capture_directly(gm, example_inputs, flagtree_decompositions()) if compile_options.capture == "direct" \
+        else None
+    if isinstance(direct, Captured):
+        compiled = linked_callable(forward_compiler(direct.gm, direct.fake_inputs, direct), direct.mutated)
+        update_record(graph_name, {"capture": "direct"})
+        if key is not None and capture:
+            write_link(key, compile_options, graph_name, capture, symbols_before, symbolic_state(gm))
+        return FlagtreeGraph(compiled, key, compile_options, graph_name)
     with torch._functorch.config.patch(_NO_AOTAUTOGRAD_CACHE):
         compiled = aot_module_simplified(
             gm,
@@ -79,6 +93,7 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         )
     if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
         phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
+        update_record(graph_name, {"capture": "aot" if direct is None else f"aot (direct refused: {direct})"})
     if key is not None and capture:
         write_link(key, compile_options, graph_name, capture, symbols_before, symbolic_state(gm))
     # what Dynamo calls; torch's precompile (`aot_compile`) can also save it (precompile.py)

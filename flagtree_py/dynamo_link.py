@@ -203,6 +203,13 @@ def note_capture(aten_gm: torch.fx.GraphModule, example_inputs: list) -> dict:
         return {"why_not": f"AOTAutograd metadata unreadable ({type(error).__name__}: {error})"}
 
 
+def note_direct_capture(aten_gm: torch.fx.GraphModule, example_inputs: list, mutated: list[int]) -> dict:
+    """`note_capture` for a direct capture (capture.py), which refuses whatever `why_not_linkable` refuses: the
+    graph's inputs are Dynamo's, and the inputs it mutates are written in the graph."""
+    return {"why_not": None, "inputs": len(example_inputs), "graph_inputs": graph_inputs_of(aten_gm),
+            "mutated_seen_by_autograd": list(mutated), "written": list(mutated)}
+
+
 def _read_capture(aten_gm: torch.fx.GraphModule, example_inputs: list) -> dict:
     from torch._guards import TracingContext
 

@@ -30,6 +30,9 @@ class CompileOptions:
     # GPU, cache on: worker processes that build a graph's kernels before its first call (None: one per
     # core, at most 16; 0: none, Triton's JIT builds each kernel at its first launch)
     parallel_builds: int | None = None
+    # how the aten graph is captured: "direct" (one trace where AOTAutograd's runtime wrappers would have
+    # nothing to do, capture.py; AOTAutograd otherwise), or "aot" (AOTAutograd always)
+    capture: str = "direct"
 
     @classmethod
     def from_user(cls, options: dict | None) -> CompileOptions:
@@ -51,6 +54,10 @@ class CompileOptions:
             options["dump_dir"] = os.environ["FLAGTREE_DUMP_DIR"]
         if "parallel_builds" not in options and os.environ.get("FLAGTREE_PARALLEL_BUILDS"):
             options["parallel_builds"] = int(os.environ["FLAGTREE_PARALLEL_BUILDS"])
+        if "capture" not in options and os.environ.get("FLAGTREE_CAPTURE"):
+            options["capture"] = os.environ["FLAGTREE_CAPTURE"]
+        if options.get("capture", "direct") not in ("aot", "direct"):
+            raise ValueError(f"flagtree option 'capture' must be 'aot' or 'direct', got {options['capture']!r}")
         workers = options.get("parallel_builds")
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"flagtree option 'parallel_builds' must be an int >= 0 or None, got {workers!r}")
