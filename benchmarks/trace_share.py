@@ -91,7 +91,8 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--child", kind, "--device", args.device,
                                "--layers", str(args.layers)], capture_output=True, text=True)
         lines = done.stdout.strip().splitlines()
-        result["runs"][kind] = json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": done.stderr[-3000:]}
+        result["runs"][kind] = (json.loads(lines[-1]) if done.returncode == 0 and lines
+                                else {"error": done.stderr[-3000:]})
         print(f"trace_share: {kind}: {json.dumps(result['runs'][kind])[:400]}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -16,14 +16,14 @@ in about half the time: 3.7 s -> 2.0 s on the CPU machine, 3.0 s on the H100's h
 6.7 s in the same session (`benchmarks/results/decode_qwen3_flagtree_direct_capture_h100_2026-11-23_s7e.json`).
 
 `capture(gm, example_inputs, decompositions)` returns the graph, or the reason it cannot be used (then
-backend.py runs AOTAutograd, as with `capture="aot"`). Refused, before the trace: grad on with an input
-that requires grad (a joint graph), autocast on, tensor-subclass inputs, parameters or buffers left on the
-Dynamo graph module, higher-order ops (effect tokens, subgraphs), custom ops that mutate an argument
-(AOTAutograd wraps them in `auto_functionalized`), random ops (a packet with one random overload counts),
-`.item()` and float inputs (AOTAutograd's tensorify pass rewrites those); after it: an input whose metadata the graph changes, an output that shares
-storage with an input or another output, a mutated input sharing storage with another input. The call
-then runs as AOTAutograd's inference wrapper would (`dynamo_link.linked_callable`): version counters of
-the mutated inputs bumped, grad off.
+backend.py runs AOTAutograd, as with `capture="aot"`). Refused, before the trace: grad on with an input that
+requires grad (a joint graph), autocast on, tensor-subclass inputs, parameters or buffers left on the Dynamo
+graph module, higher-order ops (effect tokens, subgraphs), custom ops that mutate an argument (AOTAutograd
+wraps them in `auto_functionalized`), random ops (a packet with one random overload counts), `.item()` and
+float inputs (AOTAutograd's tensorify pass rewrites those); after it: an input whose metadata the graph
+changes, an output that shares storage with an input or another output, a mutated input sharing storage with
+another input. The call then runs as AOTAutograd's inference wrapper would (`dynamo_link.linked_callable`):
+version counters of the mutated inputs bumped, grad off.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _why_not_before(gm: torch.fx.GraphModule, example_inputs: list) -> str | Non
         if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             overloads = ([getattr(target, name) for name in target.overloads()]
                          if isinstance(target, torch._ops.OpOverloadPacket) else [target])
-            if target.namespace not in ("aten", "prims") and any(op._schema.is_mutable for op in overloads):
+            if any(op.namespace not in ("aten", "prims") and op._schema.is_mutable for op in overloads):
                 return f"op {target} mutates its arguments"  # AOTAutograd functionalizes such custom ops
             if any(torch.Tag.nondeterministic_seeded in op.tags for op in overloads):
                 return f"random op {target}"

@@ -122,6 +122,27 @@ def test_compiled_with_the_direct_capture_the_decode_step_and_its_cache_match_ea
         torch.testing.assert_close(layer.keys, eager_layer.keys, rtol=1e-4, atol=1e-4)
 
 
+def test_the_length_recipes_dynamic_graph_is_captured_directly_and_serves_every_length():
+    """Symbolic sizes through the one trace: the tiny Qwen3 under the length recipe (models/dynamic_length.py),
+    one graph for prompts of 3, 5 and 1 tokens, each matching eager."""
+    from flagtree_py.models import dynamic_length
+    from tests.backend.test_precompile import _length_recipe_step
+
+    step, _, prompt = _length_recipe_step()
+    eager_step, _, _ = _length_recipe_step()
+    torch._dynamo.reset()
+    flagtree_py.clear_report()
+    compiled = torch.compile(step.forward, backend="flagtree", options={"target": "interpreter", "cache": False})
+    with torch.no_grad():
+        for length in (3, 5, 1):
+            ids, positions = prompt(length)
+            with dynamic_length.any_length(ids, positions):
+                got = compiled(ids, positions)
+            torch.testing.assert_close(got, eager_step.forward(ids, positions), rtol=1e-4, atol=1e-4)
+    (record,) = flagtree_py.report()  # one graph for every length
+    assert record["capture"] == "direct" and record["dynamic_symbols"], record.get("capture")
+
+
 def _compile_direct(fn, tmp_path):
     torch._dynamo.reset()
     flagtree_py.clear_report()
