@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+
 @dataclass
 class Captured:
     """A direct capture: the aten graph, its fake inputs, and the inputs the graph mutates (positions)."""
@@ -122,10 +123,7 @@ def _checked(aten_gm: torch.fx.GraphModule, fakes: list, example_inputs: list) -
     position = {node: i for i, node in enumerate(placeholders)}
     mutated = sorted({position[node.args[0]] for node in aten_gm.graph.nodes
                       if node.target is torch.ops.aten.copy_.default and node.args[0] in position})
-    storages = {}
-    for i, value in enumerate(fakes):
-        if isinstance(value, torch.Tensor):
-            storages.setdefault(StorageWeakRef(value.untyped_storage()), []).append(i)
+    storages = {StorageWeakRef(value.untyped_storage()) for value in fakes if isinstance(value, torch.Tensor)}
     seen = set()
     for value in _output_values(aten_gm):
         if not isinstance(value, torch.Tensor):
