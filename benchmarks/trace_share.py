@@ -5,8 +5,8 @@ nothing (AOTAutograd with flagtree's decompositions, then the aten graph as it i
     python benchmarks/trace_share.py --device cuda --out trace_share.json
 
 Tracing costs the same at any width (checked on the CPU machine: 12 layers at Qwen3-8B's widths and at 256
-wide both took 3.7 s), so this measures how fast a host traces: run it on the same machine, right before decode.py, to
-tell a slow host from a slow compile. `--nested` also measures the layers marked as
+wide both took 3.7 s), so this measures how fast a host traces: run it on the same machine, right before
+decode.py, to tell a slow host from a slow compile. `--nested` also measures the layers marked as
 `torch.compiler.nested_compile_region` (one subgraph traced once by AOTAutograd where torch supports it).
 """
 

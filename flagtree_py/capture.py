@@ -12,8 +12,9 @@ dynamo_link.py links, and an LLM's decode step), one trace gives the same graph:
 Inputs mutated in place are written back at the end of the graph with `copy_` (what
 `keep_inference_input_mutations=True` makes AOTAutograd do), views stay views. On the 36-layer decode step
 this graph is AOTAutograd's, node for node (tests/backend/test_capture.py checks it on the tiny models),
-in about half the time: 3.7 s -> 2.0 s on the CPU machine, 3.0 s on the H100's host, where AOTAutograd took
-6.7 s on the same machine that day (`benchmarks/results/decode_qwen3_flagtree_direct_capture_h100_2026-11-23_s7e.json`).
+in about half the time: 3.7 s -> 2.0 s on the CPU machine; 3.0 s on the H100's host, where AOTAutograd
+took 6.7 s on the same machine that day
+(`benchmarks/results/decode_qwen3_flagtree_direct_capture_h100_2026-11-23_s7e.json`).
 
 `capture(gm, example_inputs, decompositions)` returns the graph, or the reason it cannot be used (then
 backend.py runs AOTAutograd, as with `capture="aot"`). Refused, before the trace: grad on with an input that
