@@ -79,21 +79,19 @@ def flagtree_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     if isinstance(direct, Captured):
         compiled = linked_callable(forward_compiler(direct.gm, direct.fake_inputs, direct), direct.mutated)
         update_record(graph_name, {"capture": "direct"})
-        if key is not None and capture:
-            write_link(key, compile_options, graph_name, capture, symbols_before, symbolic_state(gm))
-        return FlagtreeGraph(compiled, key, compile_options, graph_name)
-    with torch._functorch.config.patch(_NO_AOTAUTOGRAD_CACHE):
-        compiled = aot_module_simplified(
-            gm,
-            example_inputs,
-            fw_compiler=forward_compiler,
-            bw_compiler=backward_compiler,
-            decompositions=flagtree_decompositions(),
-            keep_inference_input_mutations=True,
-        )
-    if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
-        phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
-        update_record(graph_name, {"capture": "aot" if direct is None else f"aot (direct refused: {direct})"})
+    else:
+        with torch._functorch.config.patch(_NO_AOTAUTOGRAD_CACHE):
+            compiled = aot_module_simplified(
+                gm,
+                example_inputs,
+                fw_compiler=forward_compiler,
+                bw_compiler=backward_compiler,
+                decompositions=flagtree_decompositions(),
+                keep_inference_input_mutations=True,
+            )
+        if "aot_capture" in phases:  # AOTAutograd's runtime wrappers, after flagtree's compile returned
+            phases["aot_wrappers"] = round(time.perf_counter() - entered - sum(phases.values()), 4)
+            update_record(graph_name, {"capture": "aot" if direct is None else f"aot (direct refused: {direct})"})
     if key is not None and capture:
         write_link(key, compile_options, graph_name, capture, symbols_before, symbolic_state(gm))
     # what Dynamo calls; torch's precompile (`aot_compile`) can also save it (precompile.py)

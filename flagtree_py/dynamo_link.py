@@ -29,7 +29,7 @@ from flagtree_py.cache import KernelCache, default_cache_dir
 from flagtree_py.cache.key import dynamo_graph_key, shape_env_of, symbol_ranges_and_replacements
 from flagtree_py.cache.links import GraphLinks
 from flagtree_py.options import CompileOptions
-from flagtree_py.pipeline import graph_inputs_of, load_linked_entry
+from flagtree_py.pipeline import graph_inputs_of, inputs_line_up, load_linked_entry
 from flagtree_py.report import update_record
 from flagtree_py.targets import select_target
 
@@ -156,15 +156,8 @@ def why_not_linkable(aten_gm: torch.fx.GraphModule, example_inputs: list) -> str
             return f"output {j}: {info.output_type.name}"
     if meta.num_intermediate_bases or getattr(meta, "tokens", None) or meta.is_rng_op_functionalized:
         return "intermediate bases, effect tokens or functionalized RNG"
-    placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(example_inputs) or len(meta.input_info) != len(example_inputs):
-        return "AOTAutograd changed the inputs (deduplicated, synthetic base, lifted parameters)"
-    for node, value in zip(placeholders, example_inputs):
-        fake = node.meta.get("val")
-        if isinstance(value, torch.Tensor) != isinstance(fake, torch.Tensor):
-            return f"{node.name}: not Dynamo's input"
-        if isinstance(value, torch.Tensor) and (value.dtype != fake.dtype or value.dim() != fake.dim()):
-            return f"{node.name}: not Dynamo's input"
+    if len(meta.input_info) != len(example_inputs) or not inputs_line_up(aten_gm, example_inputs):
+        return "the aten graph's inputs are not Dynamo's, one for one (deduplicated, synthetic base, lifted parameters)"
     return None
 
 

@@ -106,7 +106,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     phase = PhaseClock(phases)
     device_type = _device_type(example_inputs)
     target, reason = select_target(options.target, device_type)
-    if not _inputs_line_up(gm, real_inputs):  # before the passes change the placeholders' values
+    if not inputs_line_up(gm, real_inputs):  # before the passes change the placeholders' values
         real_inputs = None
     ctx = PassContext(options, parameters=_real_parameters(gm, real_inputs))
     record = new_record(graph_name, target, reason, device_type, phase, ctx.counters)
@@ -248,7 +248,7 @@ def _with_cuda_graphs(call, graph_inputs: dict, options: CompileOptions, device_
 
 
 def _real_parameters(gm: torch.fx.GraphModule, real_inputs: list | None) -> dict:
-    """placeholder -> real nn.Parameter, given real inputs lined up with the placeholders (`_inputs_line_up`)."""
+    """placeholder -> real nn.Parameter, given real inputs lined up with the placeholders (`inputs_line_up`)."""
     if real_inputs is None:
         return {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -348,7 +348,7 @@ def _start_builds(call, real_inputs: list | None) -> bool:
     return False
 
 
-def _inputs_line_up(gm: torch.fx.GraphModule, real_inputs: list | None) -> bool:
+def inputs_line_up(gm: torch.fx.GraphModule, real_inputs: list | None) -> bool:
     """Same count as the placeholders, and every tensor's dtype, device type and rank agree with its
     placeholder's fake value."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

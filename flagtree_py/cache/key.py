@@ -32,39 +32,30 @@ def source_hash() -> str:
     return digest.hexdigest()
 
 
-def _describe(value, texts: dict | None = None) -> str:
-    """A node's fake value as the key reads it; `texts` keeps each symbolic size's text (printing a sympy
-    expression is slow, and a graph repeats the same few sizes on every node)."""
+def _describe(value) -> str:
+    """A node's fake value as the key reads it."""
     import torch
 
-    texts = {} if texts is None else texts
-
-    def text(size) -> str:
-        if type(size) is int:
-            return str(size)
-        expr = size.node.expr
-        if expr not in texts:
-            texts[expr] = str(size)
-        return texts[expr]
+    from flagtree_py.codegen.indexing import size_text
 
     if isinstance(value, torch.Tensor):
-        shape, stride = tuple(map(text, value.shape)), tuple(map(text, value.stride()))
+        shape, stride = tuple(map(size_text, value.shape)), tuple(map(size_text, value.stride()))
         return f"T[{value.dtype},{shape},{stride},{value.device.type}]"
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return f"S[{value.node.expr}]"
     if isinstance(value, (list, tuple)):
-        return "(" + ",".join(_describe(v, texts) for v in value) + ")"
+        return "(" + ",".join(_describe(v) for v in value) + ")"
     return type(value).__name__
 
 
 def canonical_graph(gm) -> str:
     import torch.fx
 
-    lines, texts = [], {}
+    lines = []
     for node in gm.graph.nodes:
         args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{n.name}")
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", str(node.target))
-        lines.append(f"{node.op} {node.name} {target} {args!r} {_describe(node.meta.get('val'), texts)}")
+        lines.append(f"{node.op} {node.name} {target} {args!r} {_describe(node.meta.get('val'))}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ everything here works on sympy expressions, never on Python ints alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import sympy
@@ -29,6 +30,16 @@ Index = tuple[sympy.Expr, ...]
 
 class LoweringError(Exception):
     """This node (or group) cannot be lowered to Triton; the caller falls back to aten."""
+
+
+def size_text(value) -> str:
+    """A size (int or SymInt) as printed text: an int's own digits, without building a sympy expression; a
+    symbolic size's expression, printed once per expression (printing sympy is slow, and a graph repeats the
+    same few sizes on every node)."""
+    return str(value) if type(value) is int else _expression_text(as_expr(value))
+
+
+_expression_text = functools.lru_cache(maxsize=4096)(str)
 
 
 def as_expr(value) -> sympy.Expr:

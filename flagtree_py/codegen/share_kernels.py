@@ -22,7 +22,6 @@ to names and comments, what lowering the group on its own gives.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 
@@ -67,7 +66,7 @@ def group_signature(group, kinds: dict, buffers: dict, emitted_symbolic: set,
     # topological sort computing the same)
     loaded = [n for n in order if not (n in group.members or kinds.get(n) == "view")]
     graph_order = tuple(index[n] for n in sorted(loaded, key=lambda n: n.meta.get("_order", 0)))
-    shape = tuple(_size(s) for s in group.full_shape)
+    shape = tuple(indexing.size_text(s) for s in group.full_shape)
     return (shape, tuple(group.rdims), tuple(described), graph_order), order
 
 
@@ -90,20 +89,12 @@ def _target(target) -> str:
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
 
 
-def _size(value) -> str:
-    """A size as text: an int's own digits (what sympy prints for it, without building the expression); a
-    symbolic size's printed expression, kept (printing is slow, and a graph repeats the same few sizes)."""
-    return str(value) if type(value) is int else _expression_text(indexing.as_expr(value))
-
-
-_expression_text = functools.lru_cache(maxsize=4096)(str)
-
-
 def _value(val) -> tuple:
     """What code generation reads of a node's fake value."""
     if isinstance(val, torch.Tensor):
-        return ("tensor", tuple(_size(s) for s in val.shape), tuple(_size(s) for s in val.stride()), str(val.dtype),
-                str(val.device), _size(val.storage_offset()))
+        size_text = indexing.size_text
+        return ("tensor", tuple(map(size_text, val.shape)), tuple(map(size_text, val.stride())), str(val.dtype),
+                str(val.device), size_text(val.storage_offset()))
     if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return ("symbolic", type(val).__name__, str(val.node.expr))
     if isinstance(val, (list, tuple)):

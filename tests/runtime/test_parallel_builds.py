@@ -173,11 +173,11 @@ def test_builds_start_early_only_on_inputs_that_line_up_with_the_placeholders():
         graph.placeholder(name).meta["val"] = val
     graph.output(None)
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
-    assert pipeline._inputs_line_up(gm, [torch.randn(4, 4), torch.randn(3, 4, dtype=torch.float16)])
-    assert not pipeline._inputs_line_up(gm, None)
-    assert not pipeline._inputs_line_up(gm, [torch.randn(4, 4)])  # one input fewer
-    assert not pipeline._inputs_line_up(gm, [torch.randn(4, 4), torch.randn(2, 4)])  # another dtype
-    assert not pipeline._inputs_line_up(gm, [torch.randn(4, 4), torch.randn(8, dtype=torch.float16)])  # rank
+    assert pipeline.inputs_line_up(gm, [torch.randn(4, 4), torch.randn(3, 4, dtype=torch.float16)])
+    assert not pipeline.inputs_line_up(gm, None)
+    assert not pipeline.inputs_line_up(gm, [torch.randn(4, 4)])  # one input fewer
+    assert not pipeline.inputs_line_up(gm, [torch.randn(4, 4), torch.randn(2, 4)])  # another dtype
+    assert not pipeline.inputs_line_up(gm, [torch.randn(4, 4), torch.randn(8, dtype=torch.float16)])  # rank
     started = []
     builds = FirstCallBuilds(lambda args: None, None, None, 2, {})
     builds.start = started.append
